@@ -1,0 +1,50 @@
+"""diffq: quantize diffusers pipelines to W8A8, W4A8, W4A16 and more, and run them.
+
+    >>> import diffq
+    >>> pipe = diffq.quantize("digits-sd", "w4a8")
+    >>> image = pipe("a handwritten digit 7").images[0]
+"""
+
+from diffq.api import allocate, calibrate, convert, load, quantize, save, weight_bytes  # noqa: E402  (floor 4)
+from diffq.calibration import CalibrationStats
+from diffq.errors import (
+    CheckpointError,
+    DiffQError,
+    ModelLoadError,
+    QuantizationInputError,
+    UnknownPresetError,
+    UnsupportedTargetError,
+)
+from diffq.formats import IntFormat
+from diffq.modules import QuantizedConv2d, QuantizedLinear
+from diffq.plan import LayerConfig, QuantPlan
+from diffq.presets import PRESETS, Recipe, available_presets, get_preset, register_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationStats",
+    "CheckpointError",
+    "DiffQError",
+    "IntFormat",
+    "LayerConfig",
+    "ModelLoadError",
+    "PRESETS",
+    "QuantPlan",
+    "QuantizationInputError",
+    "QuantizedConv2d",
+    "QuantizedLinear",
+    "Recipe",
+    "UnknownPresetError",
+    "UnsupportedTargetError",
+    "allocate",
+    "available_presets",
+    "calibrate",
+    "convert",
+    "get_preset",
+    "load",
+    "quantize",
+    "register_preset",
+    "save",
+    "weight_bytes",
+]

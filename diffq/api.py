@@ -1,0 +1,208 @@
+"""The public verbs: ``quantize`` composes ``calibrate`` → ``allocate`` → ``convert``; ``load`` reads."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffq.calibration import ActivationObserver, CalibrationStats
+from diffq.convert import convert_model
+from diffq.errors import QuantizationInputError, UnsupportedTargetError
+from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_of
+from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts
+from diffq.pipelines.loading import default_checkpoint, load_pipeline, resolve_model
+from diffq.pipelines.patching import install_timestep_hook
+from diffq.pipelines.serialization import (
+    attach_plan,
+    load_quantized_pipeline,
+    quantized_component,
+    save_quantized,
+)
+from diffq.plan import QuantPlan
+from diffq.presets import get_preset, uniform_plan
+
+GENERIC = Adapter(
+    name="generic",
+    denoiser_classes=(),
+    keep_full_precision={},
+    content_patterns=(),
+    notes="Any other nn.Module: every Linear and Conv2d is quantized.",
+)
+
+
+def _is_pipeline(obj: Any) -> bool:
+    from diffusers import DiffusionPipeline
+
+    return isinstance(obj, DiffusionPipeline)
+
+
+def _adapter(model: nn.Module, bare: bool) -> Adapter:
+    if bare:
+        try:
+            return adapter_for(model)
+        except UnsupportedTargetError:
+            return GENERIC
+    return adapter_for(model)
+
+
+def load(name_or_path: str | os.PathLike, **kwargs: Any):
+    """Load a pipeline: a bundled name (``digits-sd``), a local folder (float or diffq-quantized) or a Hub id."""
+    location, is_local = resolve_model(name_or_path)
+    if is_local:
+        from pathlib import Path
+
+        if quantized_component(Path(location)) is not None:
+            return load_quantized_pipeline(location, **kwargs)
+    return load_pipeline(location, **kwargs)
+
+
+def save(pipe: Any, directory: str | os.PathLike) -> None:
+    """Save a (quantized) pipeline as a diffusers folder that :func:`load` reads back."""
+    save_quantized(pipe, directory)
+
+
+def calibrate(
+    pipe: Any,
+    prompts: Sequence[str] | None = None,
+    num_inference_steps: int = 8,
+    guidance_scale: float | None = None,
+    *,
+    layers: Mapping[str, nn.Module] | None = None,
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> CalibrationStats:
+    """Run the float pipeline over prompts; per-layer, per-step activation statistics."""
+    denoiser = denoiser_of(pipe)
+    if layers is None:
+        layers, _ = adapter_for(denoiser).layers(denoiser)
+    prompts = list(prompts) if prompts is not None else default_prompts(pipe)
+    return calibrate_pipeline(
+        pipe, dict(layers), prompts, num_inference_steps, guidance_scale, progress=progress, **call_kwargs
+    )
+
+
+def allocate(target: Any, preset: str = "w4a8", stats: CalibrationStats | None = None, **overrides: Any) -> QuantPlan:
+    """The per-layer plan of a preset for a pipeline or denoiser (uniform presets: one config for all)."""
+    model = denoiser_of(target) if _is_pipeline(target) else target
+    layers, kept = _adapter(model, bare=not _is_pipeline(target)).layers(model)
+    return uniform_plan(get_preset(preset), layers, kept, **overrides)
+
+
+def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None, *, progress: bool = True) -> Any:
+    """Swap the planned layers of a pipeline's denoiser (or of a module) for quantized ones, in place."""
+    model = denoiser_of(target) if _is_pipeline(target) else target
+    convert_model(model, plan, stats, progress=progress)
+    attach_plan(model, plan)
+    install_timestep_hook(model)
+    return target
+
+
+def _calibrate_module(
+    module: nn.Module, layers: dict[str, nn.Module], inputs: Sequence[Mapping[str, Any]], progress: bool
+) -> CalibrationStats:
+    if not inputs or not all(isinstance(kw, Mapping) for kw in inputs):
+        raise QuantizationInputError(
+            "to calibrate a bare module, pass calibration=[{...forward kwargs...}, ...] "
+            "(example inputs), or activations='dynamic'."
+        )
+    install_timestep_hook(module)
+    observer = ActivationObserver(layers)
+    with observer.observe() as stats, torch.no_grad():
+        for kwargs in tqdm(inputs, desc="diffq: calibrating", disable=not progress):
+            module(**kwargs)
+    return stats
+
+
+def _resolve_target(target: Any, model: str | None, load_kwargs: dict) -> Any:
+    if _is_pipeline(target) or isinstance(target, nn.Module):
+        if model is not None:
+            raise QuantizationInputError("model= is only used when target is a pipeline class; drop it.")
+        return target
+    if inspect.isclass(target):
+        from diffusers import DiffusionPipeline
+
+        if issubclass(target, DiffusionPipeline):
+            return load_pipeline(model or default_checkpoint(target), pipeline_class=target, **load_kwargs)
+    if isinstance(target, (str, os.PathLike)):
+        return load(target, **load_kwargs)
+    raise UnsupportedTargetError(
+        f"cannot quantize a {type(target).__name__}; pass a diffusers pipeline, a pipeline class "
+        "(e.g. StableDiffusionPipeline), a bundled name / Hub id / local folder, or a denoiser nn.Module."
+    )
+
+
+def quantize(
+    target: Any,
+    preset: str = "w4a8",
+    *,
+    model: str | None = None,
+    calibration: Sequence[str] | Sequence[Mapping[str, Any]] | CalibrationStats | None = None,
+    num_calibration_steps: int = 8,
+    activations: str | None = None,
+    progress: bool = True,
+    load_kwargs: Mapping[str, Any] | None = None,
+    **calibration_kwargs: Any,
+):
+    """Quantize a diffusion pipeline (or a bare denoiser) with a preset; returns it.
+
+    Args:
+        target: a ``DiffusionPipeline`` instance, a pipeline class (its default checkpoint, or
+            ``model=``), a bundled name / local folder / Hub id, or a denoiser ``nn.Module``.
+        preset: ``"w8a8"``, ``"w4a8"``, ``"w4a16"``, ``"w8a16"`` or their ``-rtn`` baselines.
+        model: with a pipeline class, the checkpoint to load instead of the class's default.
+        calibration: prompts to calibrate on (default: a few per model), precomputed
+            :class:`CalibrationStats`, or — for a bare module — a list of forward-kwargs dicts.
+        num_calibration_steps: denoising steps per calibration prompt.
+        activations: ``"dynamic"`` or ``"static"`` to override the preset's activation scales.
+        progress: show progress bars.
+        load_kwargs: passed to ``from_pretrained`` when diffq loads the pipeline.
+        calibration_kwargs: passed to the pipeline call during calibration (``height``, ...).
+
+    A pipeline or module you pass is modified **in place** (its denoiser's layers are swapped)
+    and returned; nothing on disk is touched.
+    """
+    recipe = get_preset(preset)
+    overrides = {}
+    if activations is not None:
+        if activations not in ("dynamic", "static"):
+            raise QuantizationInputError(f"activations={activations!r}; use 'dynamic' or 'static'.")
+        overrides["a_mode"] = activations
+    resolved = _resolve_target(target, model, dict(load_kwargs or {}))
+    is_pipe = _is_pipeline(resolved)
+    denoiser = denoiser_of(resolved) if is_pipe else resolved
+    from diffq.pipelines.serialization import plan_of
+
+    if plan_of(denoiser) is not None:
+        raise QuantizationInputError(
+            "this model is already quantized by diffq; load the float model again to quantize it differently."
+        )
+    layers, kept = _adapter(denoiser, bare=not is_pipe).layers(denoiser)
+    if not layers:
+        raise UnsupportedTargetError(f"{type(denoiser).__name__} has no Linear or Conv2d layer that diffq can quantize.")
+    plan = uniform_plan(recipe, layers, kept, **overrides)
+    needs_stats = any(c.a_bits is not None and c.a_mode == "static" for c in plan.layers.values())
+    stats: CalibrationStats | None = None
+    if isinstance(calibration, CalibrationStats):
+        stats = calibration
+    elif needs_stats and is_pipe:
+        prompts = list(calibration) if calibration is not None else default_prompts(resolved)
+        stats = calibrate_pipeline(
+            resolved, layers, prompts, num_calibration_steps, progress=progress, **calibration_kwargs
+        )
+    elif needs_stats:
+        stats = _calibrate_module(denoiser, layers, list(calibration or []), progress)
+    convert(resolved, plan, stats, progress=progress)
+    return resolved
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (a pipeline: its denoiser's)."""
+    from diffq.modules import weight_bytes as _bytes
+
+    return _bytes(denoiser_of(module) if _is_pipeline(module) else module)

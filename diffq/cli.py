@@ -1,0 +1,183 @@
+"""The ``diffq`` command line: quantize, generate, eval, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "digits-sd"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
+    """Pipeline-call defaults of a bundled model, overridden by the flags that were given."""
+    kwargs: dict = {}
+    try:
+        from diffq.pipelines import reference
+
+        kwargs.update(getattr(reference, "DEFAULT_CALL_KWARGS", {}).get(model, {}))
+    except ImportError:
+        pass
+    for flag, key in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+                      ("height", "height"), ("width", "width")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import diffq
+
+    start = time.perf_counter()
+    pipe = diffq.load(args.model)
+    fp_bytes = diffq.weight_bytes(pipe)
+    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
+    diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
+                   progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    diffq.save(pipe, out)
+    plan = diffq.pipelines.serialization.plan_of(diffq.pipelines.denoiser_of(pipe))
+    report = {
+        "model": args.model,
+        "preset": args.preset,
+        "denoiser": type(diffq.pipelines.denoiser_of(pipe)).__name__,
+        "quantized_layers": len(plan.layers),
+        "kept_layers": plan.skipped,
+        "weight_bytes_fp": fp_bytes,
+        "weight_bytes": diffq.weight_bytes(pipe),
+        "compression": round(fp_bytes / max(diffq.weight_bytes(pipe), 1), 3),
+        "seconds": round(seconds, 2),
+    }
+    _write_json_atomic(out / "diffq_report.json", report)
+    print(f"quantized {args.model} with {args.preset}: {report['quantized_layers']} layers, "
+          f"denoiser {fp_bytes / 2**20:.2f} MiB -> {report['weight_bytes'] / 2**20:.2f} MiB "
+          f"({report['compression']}x) in {seconds:.1f}s; saved to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import diffq
+
+    if not args.prompt.strip():
+        raise diffq.QuantizationInputError("--prompt is empty; say what to draw, e.g. --prompt 'a handwritten digit 7'.")
+    pipe = diffq.load(args.model)
+    if args.preset:
+        diffq.quantize(pipe, args.preset, progress=not args.no_progress)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    generator = torch.Generator().manual_seed(args.seed)
+    image = pipe(args.prompt, generator=generator, **_call_kwargs(args.model, args)).images[0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix or ".png")
+    os.close(fd)
+    image.save(tmp)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from diffq.metrics import evaluate
+
+    return evaluate.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import runpy
+
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    if not app.exists():
+        print("diffq demo: app.py is not installed with this copy of diffq; run it from a source checkout.")
+        return 2
+    sys.argv = [str(app), "--host", args.host, "--port", str(args.port)] + (["--share"] if args.share else [])
+    runpy.run_path(str(app), run_name="__main__")
+    return 0
+
+
+def not_yet(name: str, issue: str):
+    def run(_args: argparse.Namespace) -> int:
+        print(f"diffq {name}: not yet available ({issue}).", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import diffq
+
+    parser = argparse.ArgumentParser(prog="diffq", description="Quantize diffusers pipelines and run them.")
+    parser.add_argument("--version", action="version", version=f"diffq {diffq.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it with DIR/diffq_report.json")
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="bundled name, Hub id or local folder")
+    q.add_argument("--preset", default="w4a8", help=f"one of {', '.join(diffq.available_presets())}")
+    q.add_argument("--out", required=True, help="folder to write the quantized pipeline to")
+    q.add_argument("--prompts", help="calibration prompts, one per line")
+    q.add_argument("--calibration-steps", type=int, default=8)
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    g = sub.add_parser("generate", help="generate an image with a (quantized) model")
+    g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="bundled name, Hub id, or a saved folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", default="image.png")
+    g.add_argument("--preset", help="quantize on the fly with this preset first")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="compare presets: DIR/report.json, report.md, grid.png")
+    try:
+        from diffq.metrics import evaluate
+
+        evaluate.configure_parser(e)
+        e.set_defaults(func=cmd_eval)
+    except (ImportError, AttributeError):
+        e.set_defaults(func=not_yet("eval", "the evaluation harness is not installed"))
+
+    for name, issue in (("calibrate", "timestep-aware calibration plots"), ("allocate", "mixed precision")):
+        p = sub.add_parser(name, help=f"{issue} (not yet available)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=not_yet(name, f"{issue} is being built"))
+
+    d = sub.add_parser("demo", help="the Gradio demo")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--share", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffq.errors import DiffQError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DiffQError as err:
+        print(f"diffq: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

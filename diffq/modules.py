@@ -1,0 +1,221 @@
+"""Quantized drop-in replacements for ``nn.Linear`` and ``nn.Conv2d``.
+
+They hold what a deployment holds: packed integer weights, their scales (and zero points when
+asymmetric), the bias, and the activation quantization settings (dynamic per token, or a static
+scale from calibration). ``forward`` calls one function of :mod:`diffq.kernels`, which picks the
+fused kernel or the pure-torch reference for the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffq import kernels
+from diffq.errors import QuantizationInputError
+from diffq.formats import IntFormat, compute_scales, packed_cols, quantize
+from diffq.plan import LayerConfig
+
+
+def weight_format(config: LayerConfig) -> IntFormat:
+    """The integer format of a layer's weights."""
+    if config.w_group_size is None:
+        return IntFormat(config.w_bits, config.w_symmetric, "channel")
+    return IntFormat(config.w_bits, config.w_symmetric, "group", config.w_group_size)
+
+
+class _QuantizedWeightMixin(nn.Module):
+    """Buffers and helpers shared by the quantized Linear and Conv2d."""
+
+    config: LayerConfig
+    rows: int
+    cols: int
+
+    def _init_buffers(self, rows: int, cols: int, config: LayerConfig, dtype: torch.dtype, device) -> None:
+        self.config = config
+        self.rows, self.cols = rows, cols
+        blocks = 1 if config.w_group_size is None else cols // config.w_group_size
+        self.register_buffer(
+            "qweight", torch.zeros(rows, packed_cols(cols, config.w_bits), dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.ones(rows, blocks, dtype=dtype, device=device))
+        zero = None if config.w_symmetric else torch.zeros(rows, blocks, dtype=torch.uint8, device=device)
+        self.register_buffer("weight_zero", zero)
+        static = config.a_bits is not None and config.a_mode == "static"
+        act_scale = torch.ones(1, dtype=torch.float32, device=device) if static else None
+        self.register_buffer("act_scale", act_scale)
+
+    def _store_weight(self, weight2d: torch.Tensor) -> None:
+        fmt = weight_format(self.config)
+        scale, zero = compute_scales(weight2d.detach(), fmt)
+        q = quantize(weight2d.detach(), fmt, scale, zero)
+        self.qweight.copy_(kernels.pack(q.codes, self.config.w_bits))
+        self.weight_scale.copy_(scale.to(self.weight_scale.dtype))
+        if self.weight_zero is not None:
+            assert zero is not None
+            self.weight_zero.copy_(zero.to(torch.uint8))
+
+    def set_activation_scale(self, absmax: float | torch.Tensor) -> None:
+        """Set the static activation scale from the calibrated absolute maximum."""
+        if self.act_scale is None:
+            raise QuantizationInputError("this layer quantizes activations dynamically; it has no static scale.")
+        absmax = torch.as_tensor(absmax, dtype=torch.float32).reshape(1)
+        if not torch.isfinite(absmax).all():
+            raise QuantizationInputError(
+                "calibration produced a non-finite activation range; run calibration in float32."
+            )
+        qmax = 2 ** (self.config.a_bits - 1) - 1
+        self.act_scale.copy_(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)))
+
+    def _weight_kwargs(self) -> dict:
+        fmt = weight_format(self.config)
+        return {
+            "w_bits": self.config.w_bits,
+            "w_code_offset": fmt.code_offset,
+            "act_bits": self.config.a_bits,
+            "act_scale": self.act_scale,
+        }
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float weight these codes represent, ``[rows, cols]`` float32 (for inspection)."""
+        return kernels.reference.dequantize_weight(
+            self.qweight,
+            self.weight_scale,
+            self.weight_zero,
+            bits=self.config.w_bits,
+            cols=self.cols,
+            code_offset=weight_format(self.config).code_offset,
+        )
+
+
+class QuantizedLinear(_QuantizedWeightMixin):
+    """``nn.Linear`` with packed integer weights and quantized activations."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: LayerConfig,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers(out_features, in_features, config, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: LayerConfig) -> QuantizedLinear:
+        """Quantize a float ``nn.Linear`` (its weights are read, not modified)."""
+        weight = linear.weight
+        module = cls(
+            linear.in_features, linear.out_features, config, linear.bias is not None, weight.dtype, weight.device
+        )
+        module._store_weight(weight.float())
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quantized_linear(
+            x,
+            self.qweight,
+            self.weight_scale,
+            self.weight_zero,
+            in_features=self.in_features,
+            bias=self.bias,
+            act_group_size=self.config.a_group_size,
+            **self._weight_kwargs(),
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.label}, {self.config}"
+
+
+class QuantizedConv2d(_QuantizedWeightMixin):
+    """``nn.Conv2d`` with packed integer weights and quantized activations."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        config: LayerConfig,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] | str = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.padding, self.dilation, self.groups = tuple(stride), padding, tuple(dilation), groups
+        if not isinstance(padding, str):
+            self.padding = tuple(padding)
+        cols = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        self._init_buffers(out_channels, cols, config, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, config: LayerConfig) -> QuantizedConv2d:
+        """Quantize a float ``nn.Conv2d`` (zero padding only)."""
+        if conv.padding_mode != "zeros":
+            raise QuantizationInputError(
+                f"Conv2d with padding_mode={conv.padding_mode!r} is not supported; keep this layer in 16-bit."
+            )
+        weight = conv.weight
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            config,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            weight.dtype,
+            weight.device,
+        )
+        module._store_weight(weight.float().reshape(conv.out_channels, -1))
+        if conv.bias is not None:
+            module.bias.data.copy_(conv.bias.detach())
+        return module
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quantized_conv2d(
+            x,
+            self.qweight,
+            self.weight_scale,
+            self.weight_zero,
+            weight_shape=self.weight_shape,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias,
+            **self._weight_kwargs(),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"{self.config.label}, {self.config}"
+        )
+
+
+QUANTIZED_MODULES = (QuantizedLinear, QuantizedConv2d)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (what its checkpoint stores)."""
+    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)

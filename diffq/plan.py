@@ -1,0 +1,128 @@
+"""`QuantPlan`: what each layer becomes. The contract between allocate, convert and the file format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from diffq.errors import CheckpointError, QuantizationInputError
+from diffq.formats import SUPPORTED_BITS
+
+ActivationMode = Literal["dynamic", "static"]
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one Linear/Conv2d layer is quantized.
+
+    Attributes:
+        w_bits: weight bit width (2, 3, 4 or 8).
+        w_group_size: weights share a scale per this many input elements; ``None`` means one
+            scale per output channel.
+        w_symmetric: symmetric weights (no zero point) or asymmetric (with zero points).
+        a_bits: activation bit width (4 or 8), or ``None`` to keep activations in 16/32-bit.
+        a_mode: ``"dynamic"`` (scale per token, computed at run time) or ``"static"`` (scale
+            from calibration).
+        a_group_size: for dynamic activations, a scale per token and this many features.
+    """
+
+    w_bits: int = 8
+    w_group_size: int | None = None
+    w_symmetric: bool = True
+    a_bits: int | None = 8
+    a_mode: ActivationMode = "static"
+    a_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.w_bits not in SUPPORTED_BITS:
+            raise QuantizationInputError(f"w_bits={self.w_bits} is not supported; use one of {SUPPORTED_BITS}.")
+        if self.a_bits not in (None, 4, 8):
+            raise QuantizationInputError(f"a_bits={self.a_bits} is not supported; use 4, 8 or None.")
+        if self.a_mode not in ("dynamic", "static"):
+            raise QuantizationInputError(f"a_mode={self.a_mode!r} is not supported; use 'dynamic' or 'static'.")
+
+    @property
+    def label(self) -> str:
+        """Short name such as ``w4a8`` or ``w4a16``."""
+        return f"w{self.w_bits}a{self.a_bits or 16}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(
+                f"layer config has unknown keys {sorted(unknown)}; it was written by a newer diffq — upgrade diffq."
+            )
+        return cls(**data)
+
+
+@dataclass
+class QuantPlan:
+    """Per-layer quantization settings of one denoiser, plus the layers kept in 16-bit and why."""
+
+    preset: str
+    layers: dict[str, LayerConfig] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def with_layer(self, name: str, config: LayerConfig) -> QuantPlan:
+        """A copy with one layer's config replaced."""
+        return replace(self, layers={**self.layers, name: config})
+
+    def average_weight_bits(self, param_counts: dict[str, int]) -> float:
+        """Average weight bits over the parameters of the quantized layers."""
+        total = sum(param_counts[name] for name in self.layers)
+        if total == 0:
+            return 0.0
+        return sum(cfg.w_bits * param_counts[name] for name, cfg in self.layers.items()) / total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": PLAN_FORMAT_VERSION,
+            "preset": self.preset,
+            "layers": {name: cfg.to_dict() for name, cfg in self.layers.items()},
+            "skipped": dict(self.skipped),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
+        try:
+            version = data.get("format_version", PLAN_FORMAT_VERSION)
+            if version > PLAN_FORMAT_VERSION:
+                raise CheckpointError(f"plan format {version} is newer than this diffq understands; upgrade diffq.")
+            layers = {name: LayerConfig.from_dict(cfg) for name, cfg in data["layers"].items()}
+            return cls(preset=data["preset"], layers=layers, skipped=dict(data.get("skipped", {})))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"not a valid diffq QuantPlan ({err!r}); the checkpoint may be corrupt.") from err
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantPlan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"QuantPlan JSON is unreadable ({err}); the checkpoint may be truncated.") from err
+
+    def table(self) -> str:
+        """A plain-text table: one row per layer with its bits and group size."""
+        rows = [("layer", "weights", "group", "activations")]
+        for name, cfg in self.layers.items():
+            acts = "16-bit" if cfg.a_bits is None else f"int{cfg.a_bits} {cfg.a_mode}"
+            rows.append((name, f"int{cfg.w_bits}", str(cfg.w_group_size or "channel"), acts))
+        for name, reason in self.skipped.items():
+            rows.append((name, "16-bit", "-", f"kept: {reason}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

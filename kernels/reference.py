@@ -1,0 +1,149 @@
+"""Pure-torch reference implementations of every kernel.
+
+They compute in float32 exactly the function the fused kernels compute (integer products
+are exact in the kernels; here they are exact up to float32 rounding), and they run on any
+device. Tensors in, tensors out: nothing here knows about modules, plans or pipelines.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffq.kernels.packing import unpack
+
+
+def dequantize_weight(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    *,
+    bits: int,
+    cols: int,
+    code_offset: int,
+) -> torch.Tensor:
+    """Unpack ``[rows, bytes]`` codes and restore float32 ``[rows, cols]`` weights.
+
+    ``scale`` (and ``zero``) are ``[rows or 1, blocks]``; each block covers ``cols // blocks``
+    consecutive columns (one block = per channel; ``rows == 1`` = per tensor).
+    """
+    codes = unpack(qweight, bits, cols).to(torch.float32) - code_offset
+    rows = codes.shape[0]
+    blocks = scale.shape[-1]
+    grouped = codes.reshape(rows, blocks, cols // blocks)
+    if zero is not None:
+        grouped = grouped - zero.to(torch.float32).unsqueeze(-1)
+    return (grouped * scale.to(torch.float32).unsqueeze(-1)).reshape(rows, cols)
+
+
+def quantize_activations(
+    x: torch.Tensor, bits: int, scale: torch.Tensor | None = None, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric activation quantization of ``x [tokens, features]``.
+
+    With ``scale=None`` the scale is dynamic, one per token (or per token and ``group_size``
+    features); otherwise the given static scale (a scalar tensor) is used. Returns signed
+    integer values (as float32) and the scale broadcastable against them.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    x = x.to(torch.float32)
+    if scale is None:
+        if group_size is not None and x.shape[-1] % group_size == 0 and group_size < x.shape[-1]:
+            grouped = x.reshape(x.shape[0], -1, group_size)
+            amax = grouped.abs().amax(dim=-1, keepdim=True)
+            s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+            q = torch.round(grouped / s).clamp(-qmax - 1, qmax)
+            return q.reshape(x.shape), s.repeat_interleave(group_size, dim=1).reshape(x.shape)
+        amax = x.abs().amax(dim=-1, keepdim=True)
+        s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    else:
+        s = scale.to(torch.float32).reshape(1, 1)
+    return torch.round(x / s).clamp(-qmax - 1, qmax), s
+
+
+def fake_quantize_activations(
+    x: torch.Tensor, bits: int, scale: torch.Tensor | None = None, group_size: int | None = None
+) -> torch.Tensor:
+    """Quantize then dequantize activations, in float32."""
+    q, s = quantize_activations(x, bits, scale, group_size)
+    return q * s
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    act_bits: int | None = None,
+    act_scale: torch.Tensor | None = None,
+    act_group_size: int | None = None,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = Q(x / smooth) @ W^T + (x / smooth) @ L1 @ L2 + bias`` with packed integer ``W``."""
+    shape = x.shape
+    x2 = x.reshape(-1, in_features).to(torch.float32)
+    if smooth is not None:
+        x2 = x2 / smooth.to(torch.float32)
+    low_rank = None
+    if lora_down is not None and lora_up is not None:
+        low_rank = (x2 @ lora_down.to(torch.float32)) @ lora_up.to(torch.float32)
+    if act_bits is not None:
+        x2 = fake_quantize_activations(x2, act_bits, act_scale, act_group_size)
+    weight = dequantize_weight(
+        qweight, w_scale, w_zero, bits=w_bits, cols=in_features, code_offset=w_code_offset
+    )
+    y = x2 @ weight.t()
+    if low_rank is not None:
+        y = y + low_rank
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+def quantized_conv2d(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    weight_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+    groups: int,
+    bias: torch.Tensor | None = None,
+    act_bits: int | None = None,
+    act_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """2-D convolution with packed integer weights; dynamic activation scales are per pixel."""
+    out_channels = weight_shape[0]
+    cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    weight = dequantize_weight(
+        qweight, w_scale, w_zero, bits=w_bits, cols=cols, code_offset=w_code_offset
+    ).reshape(weight_shape)
+    x32 = x.to(torch.float32)
+    if act_bits is not None:
+        # Per "token" for a convolution is per pixel, over its input channels.
+        pixels = x32.movedim(1, -1)
+        flat = pixels.reshape(-1, pixels.shape[-1])
+        x32 = fake_quantize_activations(flat, act_bits, act_scale).reshape(pixels.shape).movedim(-1, 1)
+    y = F.conv2d(
+        x32,
+        weight,
+        None if bias is None else bias.to(torch.float32),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    assert y.shape[1] == out_channels
+    return y.to(x.dtype)

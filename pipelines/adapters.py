@@ -1,0 +1,168 @@
+"""Per-architecture knowledge: which module denoises, which layers stay 16-bit, which drive content.
+
+An :class:`Adapter` is plain data plus a few queries. Patterns are ``fnmatch`` globs over the
+qualified layer names of the denoiser (``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``).
+
+Layer groups (used by sensitivity analysis): *content* layers decide what is drawn — cross-attention
+(the text path) and feed-forward — and *quality* layers decide how clean it looks (everything else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from torch import nn
+
+from diffq.errors import UnsupportedTargetError
+
+LayerGroup = Literal["content", "quality"]
+
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+# Linear layers that read the timestep/conditioning embedding (AdaLN modulation, time projections)
+# see few distinct inputs per step and steer every block: 16-bit by rule, in every architecture.
+_TEMPORAL = ("*time_emb_proj", "*norm1.linear", "*norm1_context.linear", "*norm.linear", "norm_out.linear")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What diffq needs to know about one denoiser architecture."""
+
+    name: str
+    denoiser_classes: tuple[str, ...]
+    keep_full_precision: dict[str, str]  # pattern -> reason
+    content_patterns: tuple[str, ...]
+    notes: str = ""
+
+    def matches(self, denoiser: nn.Module) -> bool:
+        return any(cls.__name__ in self.denoiser_classes for cls in type(denoiser).__mro__)
+
+    def kept_reason(self, name: str) -> str | None:
+        """Why a layer stays in 16-bit, or ``None`` if it is quantized."""
+        for pattern, reason in self.keep_full_precision.items():
+            if fnmatchcase(name, pattern):
+                return reason
+        return None
+
+    def group_of(self, name: str) -> LayerGroup:
+        return "content" if any(fnmatchcase(name, p) for p in self.content_patterns) else "quality"
+
+    def layers(self, denoiser: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        """``(quantizable layers, kept layers with reasons)`` among the denoiser's Linear/Conv2d."""
+        quantizable: dict[str, nn.Module] = {}
+        kept: dict[str, str] = {}
+        for name, module in denoiser.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            reason = self.kept_reason(name)
+            if reason is None and isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+                reason = f"padding_mode={module.padding_mode!r} has no quantized kernel"
+            if reason is None:
+                quantizable[name] = module
+            else:
+                kept[name] = reason
+        return quantizable, kept
+
+
+def _keep(first: tuple[str, ...], last: tuple[str, ...], embeddings: tuple[str, ...]) -> dict[str, str]:
+    rules = {p: "first layer" for p in first}
+    rules.update({p: "last layer" for p in last})
+    rules.update({p: "time/condition embedding" for p in embeddings})
+    rules.update({p: "temporal modulation (reads the timestep embedding)" for p in _TEMPORAL})
+    return rules
+
+
+UNET = Adapter(
+    name="unet",
+    denoiser_classes=("UNet2DConditionModel",),
+    keep_full_precision=_keep(
+        first=("conv_in",),
+        last=("conv_out",),
+        embeddings=("time_embedding.*", "add_embedding.*", "class_embedding.*", "encoder_hid_proj.*"),
+    ),
+    content_patterns=("*attn2.*", "*.ff.*"),
+    notes="SD 1.x/2.x and SDXL UNets: conv_in/conv_out, the time and added-condition embeddings and "
+    "every ResNet time_emb_proj stay 16-bit; cross-attention (attn2) and feed-forward are content layers.",
+)
+
+PIXART = Adapter(
+    name="pixart",
+    denoiser_classes=("PixArtTransformer2DModel",),
+    keep_full_precision=_keep(
+        first=("pos_embed.proj",),
+        last=("proj_out",),
+        embeddings=("adaln_single.*", "caption_projection.*"),
+    ),
+    content_patterns=("*attn2.*", "*.ff.*"),
+    notes="PixArt-α/Σ: patch embedding, proj_out, adaLN-single and caption projection stay 16-bit; "
+    "cross-attention and feed-forward are content layers.",
+)
+
+DIT = Adapter(
+    name="dit",
+    denoiser_classes=("DiTTransformer2DModel", "Transformer2DModel"),
+    keep_full_precision=_keep(
+        first=("pos_embed.proj",),
+        last=("proj_out", "proj_out_1", "proj_out_2"),
+        embeddings=("*norm1.emb.*", "adaln_single.*", "caption_projection.*"),
+    ),
+    content_patterns=("*attn2.*", "*.ff.*"),
+    notes="Class-conditional DiT: patch embedding, output projections and the adaLN-Zero class/time "
+    "embeddings stay 16-bit; feed-forward layers are content layers.",
+)
+
+MMDIT = Adapter(
+    name="mmdit",
+    denoiser_classes=("SD3Transformer2DModel", "FluxTransformer2DModel"),
+    keep_full_precision=_keep(
+        first=("pos_embed.proj", "x_embedder", "context_embedder"),
+        last=("proj_out",),
+        embeddings=("time_text_embed.*",),
+    ),
+    content_patterns=("*add_q_proj", "*add_k_proj", "*add_v_proj", "*to_add_out", "*ff_context.*", "*.ff.*"),
+    notes="SD3 and Flux (joint-attention transformers): patch/latent and context embedders, proj_out, "
+    "the time-text embedding and every adaLN modulation stay 16-bit; the text stream (add_*_proj, "
+    "to_add_out, ff_context) and feed-forward layers are content layers.",
+)
+
+ADAPTERS: list[Adapter] = [UNET, PIXART, DIT, MMDIT]
+
+
+def register_adapter(adapter: Adapter) -> None:
+    """Teach diffq a new denoiser architecture (checked before the built-in ones)."""
+    ADAPTERS.insert(0, adapter)
+
+
+def adapter_for(denoiser: nn.Module) -> Adapter:
+    """The adapter of a denoiser module."""
+    for adapter in ADAPTERS:
+        if adapter.matches(denoiser):
+            return adapter
+    known = sorted({c for a in ADAPTERS for c in a.denoiser_classes})
+    raise UnsupportedTargetError(
+        f"diffq has no adapter for {type(denoiser).__name__}; supported denoisers: {', '.join(known)}. "
+        "Register one with diffq.pipelines.register_adapter(Adapter(...))."
+    )
+
+
+def denoiser_of(pipe) -> nn.Module:
+    """The denoiser of a diffusers pipeline (its ``unet`` or ``transformer``)."""
+    for attr in DENOISER_ATTRIBUTES:
+        module = getattr(pipe, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UnsupportedTargetError(
+        f"{type(pipe).__name__} has no denoiser (no 'unet' or 'transformer' component), so there is "
+        "nothing for diffq to quantize. Pass a text-to-image or video diffusion pipeline."
+    )
+
+
+def denoiser_name(pipe) -> str:
+    """The component name of the pipeline's denoiser (``"unet"`` or ``"transformer"``)."""
+    for attr in DENOISER_ATTRIBUTES:
+        if isinstance(getattr(pipe, attr, None), nn.Module):
+            return attr
+    denoiser_of(pipe)  # raises the explanatory error
+    raise AssertionError

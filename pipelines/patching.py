@@ -1,0 +1,53 @@
+"""Make the current timestep visible to quantized layers.
+
+A pre-forward hook on the denoiser reads its ``timestep`` argument and sets
+:func:`diffq.context.current_timestep`, so layers look up step-dependent scales by timestep
+*value* (a different ``num_inference_steps`` at inference still works).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffq.context import set_timestep
+
+_HOOK_ATTR = "_diffq_timestep_hook"
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    return float(timestep)
+
+
+def install_timestep_hook(denoiser: nn.Module) -> None:
+    """Install (once) the hook that publishes the denoiser's timestep argument."""
+    if getattr(denoiser, _HOOK_ATTR, None) is not None:
+        return
+    params = list(inspect.signature(denoiser.forward).parameters)
+    position = params.index("timestep") if "timestep" in params else None
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "timestep" in kwargs:
+            value = kwargs["timestep"]
+        elif position is not None and len(args) > position:
+            value = args[position]
+        else:
+            value = None
+        set_timestep(_timestep_value(value))
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    object.__setattr__(denoiser, _HOOK_ATTR, handle)
+
+
+def remove_timestep_hook(denoiser: nn.Module) -> None:
+    handle = getattr(denoiser, _HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        object.__setattr__(denoiser, _HOOK_ATTR, None)

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from diffq.cli import main
+from diffq.pipelines.testing import tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def float_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_quantize_then_generate(float_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    code = main([
+        "quantize", str(float_folder), "--preset", "w4a8", "--out", str(out),
+        "--prompts", str(prompts), "--calibration-steps", "2", "--no-progress",
+    ])
+    assert code == 0
+    report = json.loads((out / "diffq_report.json").read_text())
+    assert report["preset"] == "w4a8" and report["denoiser"] == "UNet2DConditionModel"
+    assert report["weight_bytes"] < report["weight_bytes_fp"]
+    assert "conv_in" in report["kept_layers"]
+    assert (out / "unet" / "config.json").exists()
+    assert json.loads((out / "unet" / "config.json").read_text())["quantization_config"]["quant_method"] == "diffq"
+    assert (float_folder / "unet" / "config.json").read_text().find("quantization_config") == -1  # input untouched
+
+    image = tmp_path / "img.png"
+    code = main(["generate", str(out), "--prompt", "a red circle", "--out", str(image), "--steps", "2",
+                 "--height", "32", "--width", "32", "--no-progress"])
+    assert code == 0 and image.stat().st_size > 0
+
+
+def test_bad_preset_is_a_clean_error(float_folder, tmp_path, capsys):
+    assert main(["quantize", str(float_folder), "--preset", "w5a7", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "unknown preset 'w5a7'" in err and "w4a8" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_model_is_a_clean_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nothing-here"), "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 1
+    assert "could not load" in capsys.readouterr().err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("quantize", "generate", "eval", "calibrate", "allocate", "demo"):
+        assert command in out

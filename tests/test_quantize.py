@@ -1,0 +1,154 @@
+"""diffq.quantize on tiny pipelines of every architecture family, and its errors."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diffq
+from diffq.modules import QUANTIZED_MODULES
+from diffq.pipelines import adapter_for, denoiser_of
+from diffq.pipelines.serialization import plan_of
+from diffq.pipelines.testing import TINY_BUILDERS, TINY_PROMPTS, run_tiny, tiny_call_kwargs, tiny_sd_pipeline
+
+# PSNR (dB) of the quantized images against the float images of the same seed, 2 steps.
+PSNR_FLOOR = {"w8a8": 30.0, "w8a8-rtn": 30.0, "w4a8": 20.0, "w4a16": 22.0}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def quantize_tiny(pipe, preset, **kwargs):
+    return diffq.quantize(
+        pipe, preset, calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False,
+        **tiny_call_kwargs(pipe), **kwargs,
+    )
+
+
+def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the quantized modules, their weights' bytes in fp32)."""
+    q_bytes = fp32 = 0
+    for module in model.modules():
+        if isinstance(module, QUANTIZED_MODULES):
+            q_bytes += module.qweight.numel() + module.weight_scale.numel() * module.weight_scale.element_size()
+            fp32 += module.rows * module.cols * 4
+    return q_bytes, fp32
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_BUILDERS))
+@pytest.mark.parametrize("preset", sorted(PSNR_FLOOR))
+def test_quantized_pipeline_stays_close_to_float(arch, preset):
+    pipe = TINY_BUILDERS[arch](0)
+    reference = run_tiny(pipe)
+    fp_bytes = diffq.weight_bytes(pipe)
+    assert quantize_tiny(pipe, preset) is pipe  # in place
+    images = run_tiny(pipe)
+    assert images.shape == reference.shape
+    assert np.isfinite(images).all()
+    assert psnr(images, reference) >= PSNR_FLOOR[preset]
+
+    denoiser = denoiser_of(pipe)
+    plan = plan_of(denoiser)
+    layers = dict(denoiser.named_modules())
+    for name, module in layers.items():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            assert name in plan.skipped, f"{name} is float but not documented as kept"
+    assert all(isinstance(layers[name], QUANTIZED_MODULES) for name in plan.layers)
+    assert set(plan.skipped) == {n for n in plan.skipped if adapter_for(denoiser).kept_reason(n)}
+
+    q_bytes, fp32 = quantized_layer_bytes(denoiser)
+    bits = 8 if preset.startswith("w8") else 4
+    # Packed codes are bits/32 of fp32; fp32 scales per channel or per group add a little.
+    assert bits / 32 <= q_bytes / fp32 <= bits / 32 + 4 / 16 / 4 + 0.01
+    assert diffq.weight_bytes(pipe) < fp_bytes
+
+
+def test_w4_weights_are_packed_two_per_byte():
+    pipe = quantize_tiny(tiny_sd_pipeline(), "w4a16")
+    module = next(m for m in denoiser_of(pipe).modules() if isinstance(m, diffq.QuantizedLinear))
+    assert module.qweight.dtype == torch.uint8
+    assert module.qweight.shape == (module.out_features, module.in_features // 2)
+
+
+def test_unknown_preset_names_the_valid_ones():
+    with pytest.raises(diffq.DiffQError, match=r"unknown preset 'w5a7'.*w4a8.*w8a8"):
+        diffq.quantize(tiny_sd_pipeline(), "w5a7")
+
+
+def test_quantizing_twice_is_refused():
+    pipe = quantize_tiny(tiny_sd_pipeline(), "w8a16")
+    with pytest.raises(diffq.DiffQError, match="already quantized"):
+        quantize_tiny(pipe, "w8a16")
+
+
+def test_unsupported_target_and_pipeline_without_denoiser():
+    with pytest.raises(diffq.UnsupportedTargetError, match="cannot quantize a int"):
+        diffq.quantize(42, "w8a8")
+
+    class NoDenoiser:
+        pass
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline()
+    with pytest.raises(diffq.UnsupportedTargetError, match="no denoiser"):
+        diffq.quantize(pipe, "w8a8")
+    with pytest.raises(diffq.UnsupportedTargetError):
+        diffq.quantize(NoDenoiser, "w8a8")
+
+
+def test_pipeline_class_offline_says_what_it_tried():
+    from diffusers import StableDiffusionPipeline
+
+    with pytest.raises(diffq.ModelLoadError, match=r"stable-diffusion-v1-5/stable-diffusion-v1-5.*local folder"):
+        diffq.quantize(StableDiffusionPipeline, "w4a8")
+    with pytest.raises(diffq.ModelLoadError, match="no-such-org/no-such-model"):
+        diffq.quantize(StableDiffusionPipeline, "w4a8", model="no-such-org/no-such-model")
+
+
+def test_bare_module_dynamic_and_calibrated():
+    unet = tiny_sd_pipeline().unet
+    sample = torch.randn(1, 4, 16, 16)
+    kwargs = {"sample": sample, "timestep": torch.tensor(10), "encoder_hidden_states": torch.randn(1, 77, 64)}
+    with torch.no_grad():
+        reference = unet(**kwargs).sample
+    with pytest.raises(diffq.DiffQError, match="calibration=.*activations='dynamic'"):
+        diffq.quantize(unet, "w8a8", progress=False)
+    diffq.quantize(unet, "w8a8", calibration=[kwargs], progress=False)
+    with torch.no_grad():
+        out = unet(**kwargs).sample
+    assert float((out - reference).pow(2).mean() / reference.pow(2).mean()) < 1e-2
+
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    diffq.quantize(mlp, "w4a8", activations="dynamic", progress=False)
+    assert isinstance(mlp[0], diffq.QuantizedLinear) and mlp[0].config.a_mode == "dynamic"
+
+
+def test_precomputed_calibration_is_reused():
+    pipe = tiny_sd_pipeline()
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:1], num_inference_steps=2, progress=False, **tiny_call_kwargs(pipe))
+    steps = {len(s) for s in stats.layers.values()}
+    assert steps == {2}, "statistics are filed per denoising step"
+    diffq.quantize(pipe, "w8a8", calibration=stats, progress=False)
+    assert np.isfinite(run_tiny(pipe)).all()
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    pipe = quantize_tiny(tiny_sd_pipeline(), "w4a8")
+    expected = run_tiny(pipe)
+    diffq.save(pipe, tmp_path / "q")
+    loaded = diffq.load(tmp_path / "q")
+    assert isinstance(loaded.unet.conv_in, nn.Conv2d)
+    assert plan_of(loaded.unet) == plan_of(pipe.unet)
+    assert np.array_equal(run_tiny(loaded), expected)
+
+
+def test_truncated_checkpoint_gives_clear_error(tmp_path):
+    pipe = quantize_tiny(tiny_sd_pipeline(), "w8a16")
+    diffq.save(pipe, tmp_path / "q")
+    weights = tmp_path / "q" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(diffq.CheckpointError, match="truncated|unreadable"):
+        diffq.load(tmp_path / "q")
