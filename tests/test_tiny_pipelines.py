@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffq.pipelines.testing import TINY_BUILDERS, TINY_IMAGE_SIZE, TINY_PROMPTS, run_tiny
 from diffusers import DiffusionPipeline
+
+from diffq.pipelines.testing import TINY_BUILDERS, TINY_IMAGE_SIZE, TINY_PROMPTS, run_tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from diffq.pipelines.tokenizers import DEFAULT_T5_WORDS, build_clip_tokenizer, build_t5_tokenizer
 from transformers import AutoTokenizer, CLIPTokenizer, T5Tokenizer
+
+from diffq.pipelines.tokenizers import DEFAULT_T5_WORDS, build_clip_tokenizer, build_t5_tokenizer
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
