@@ -5,7 +5,7 @@
     >>> image = pipe("a handwritten digit 7").images[0]
 """
 
-from diffq.api import allocate, calibrate, convert, load, quantize, save, weight_bytes  # noqa: E402  (floor 4)
+from diffq.api import allocate, calibrate, convert, load, quantize, save, weight_bytes
 from diffq.calibration import CalibrationStats
 from diffq.errors import (
     CheckpointError,

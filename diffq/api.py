@@ -25,7 +25,7 @@ from diffq.pipelines.serialization import (
     save_quantized,
 )
 from diffq.plan import QuantPlan
-from diffq.presets import get_preset, uniform_plan
+from diffq.presets import build_plan, get_preset
 
 GENERIC = Adapter(
     name="generic",
@@ -87,11 +87,27 @@ def calibrate(
     )
 
 
-def allocate(target: Any, preset: str = "w4a8", stats: CalibrationStats | None = None, **overrides: Any) -> QuantPlan:
-    """The per-layer plan of a preset for a pipeline or denoiser (uniform presets: one config for all)."""
-    model = denoiser_of(target) if _is_pipeline(target) else target
-    layers, kept = _adapter(model, bare=not _is_pipeline(target)).layers(model)
-    return uniform_plan(get_preset(preset), layers, kept, **overrides)
+def allocate(
+    target: Any,
+    stats: CalibrationStats | None = None,
+    *,
+    preset: str = "w4a8",
+    progress: bool = True,
+    **overrides: Any,
+) -> QuantPlan:
+    """The per-layer plan of a preset for a pipeline or denoiser.
+
+    Calibrated presets read ``stats`` (from :func:`calibrate`) to choose, per layer, timestep
+    groups, smoothing and clipping; ``-rtn`` presets give every layer the same config.
+    ``overrides`` replace fields of the preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
+    """
+    bare = not _is_pipeline(target)
+    model = target if bare else denoiser_of(target)
+    adapter = _adapter(model, bare=bare)
+    layers, kept = adapter.layers(model)
+    return build_plan(
+        get_preset(preset), layers, kept, stats, adapter.concat_splits(model), progress=progress, **overrides
+    )
 
 
 def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None, *, progress: bool = True) -> Any:
@@ -104,12 +120,17 @@ def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None,
 
 
 def _calibrate_module(
-    module: nn.Module, layers: dict[str, nn.Module], inputs: Sequence[Mapping[str, Any]], progress: bool
+    module: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: Sequence[Mapping[str, Any]],
+    progress: bool,
+    preset: str,
 ) -> CalibrationStats:
     if not inputs or not all(isinstance(kw, Mapping) for kw in inputs):
         raise QuantizationInputError(
-            "to calibrate a bare module, pass calibration=[{...forward kwargs...}, ...] "
-            "(example inputs), or activations='dynamic'."
+            f"preset {preset!r} calibrates: to quantize a bare module, pass calibration=[{{...forward kwargs...}}, "
+            f"...] (example inputs), or use the baseline {preset.removesuffix('-rtn')}-rtn with "
+            "activations='dynamic'."
         )
     install_timestep_hook(module)
     observer = ActivationObserver(layers)
@@ -154,7 +175,8 @@ def quantize(
     Args:
         target: a ``DiffusionPipeline`` instance, a pipeline class (its default checkpoint, or
             ``model=``), a bundled name / local folder / Hub id, or a denoiser ``nn.Module``.
-        preset: ``"w8a8"``, ``"w4a8"``, ``"w4a16"``, ``"w8a16"`` or their ``-rtn`` baselines.
+        preset: ``"w8a8"``, ``"w4a8"``, ``"w4a16"``, ``"w8a16"`` (calibrated), or their ``-rtn``
+            baselines.
         model: with a pipeline class, the checkpoint to load instead of the class's default.
         calibration: prompts to calibrate on (default: a few per model), precomputed
             :class:`CalibrationStats`, or — for a bare module — a list of forward-kwargs dicts.
@@ -182,21 +204,21 @@ def quantize(
         raise QuantizationInputError(
             "this model is already quantized by diffq; load the float model again to quantize it differently."
         )
-    layers, kept = _adapter(denoiser, bare=not is_pipe).layers(denoiser)
+    adapter = _adapter(denoiser, bare=not is_pipe)
+    layers, kept = adapter.layers(denoiser)
     if not layers:
         raise UnsupportedTargetError(f"{type(denoiser).__name__} has no Linear or Conv2d layer that diffq can quantize.")
-    plan = uniform_plan(recipe, layers, kept, **overrides)
-    needs_stats = any(c.a_bits is not None and c.a_mode == "static" for c in plan.layers.values())
     stats: CalibrationStats | None = None
     if isinstance(calibration, CalibrationStats):
         stats = calibration
-    elif needs_stats and is_pipe:
+    elif recipe.needs_calibration(**overrides) and is_pipe:
         prompts = list(calibration) if calibration is not None else default_prompts(resolved)
         stats = calibrate_pipeline(
             resolved, layers, prompts, num_calibration_steps, progress=progress, **calibration_kwargs
         )
-    elif needs_stats:
-        stats = _calibrate_module(denoiser, layers, list(calibration or []), progress)
+    elif recipe.needs_calibration(**overrides):
+        stats = _calibrate_module(denoiser, layers, list(calibration or []), progress, preset)
+    plan = build_plan(recipe, layers, kept, stats, adapter.concat_splits(denoiser), progress=progress, **overrides)
     convert(resolved, plan, stats, progress=progress)
     return resolved
 

@@ -97,6 +97,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return evaluate.run(args)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import diffq
+    from diffq.plots import plot_activation_ranges, widest_drift
+
+    if not args.plot and not args.out:
+        raise diffq.QuantizationInputError("say what to write: --plot DIR and/or --out STATS.safetensors.")
+    pipe = diffq.load(args.model)
+    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
+    call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
+    stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps or 8, progress=not args.no_progress, **call)
+    if args.out:
+        stats.save(args.out)
+        print(f"wrote {args.out} and {args.out}.json")
+    if args.plot:
+        figure = plot_activation_ranges(stats, args.plot, top=args.top)
+        print(f"wrote {figure}")
+        for name in widest_drift(stats, args.top):
+            print(f"  drift x{stats.drift(name):6.2f}  {name}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import runpy
 
@@ -155,7 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     except (ImportError, AttributeError):
         e.set_defaults(func=not_yet("eval", "the evaluation harness is not installed"))
 
-    for name, issue in (("calibrate", "timestep-aware calibration plots"), ("allocate", "mixed precision")):
+    c = sub.add_parser("calibrate", help="per-step activation statistics: save them and/or plot their drift")
+    c.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    c.add_argument("--plot", help="folder for activation_ranges.png (layers with the widest drift)")
+    c.add_argument("--out", help="save the statistics (safetensors + .json)")
+    c.add_argument("--prompts", help="calibration prompts, one per line")
+    c.add_argument("--steps", type=int, help="denoising steps per prompt (default 8)")
+    c.add_argument("--top", type=int, default=6, help="how many layers to plot")
+    c.add_argument("--guidance-scale", type=float)
+    c.add_argument("--height", type=int)
+    c.add_argument("--width", type=int)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+
+    for name, issue in (("allocate", "mixed precision"),):
         p = sub.add_parser(name, help=f"{issue} (not yet available)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=not_yet(name, f"{issue} is being built"))

@@ -1,8 +1,10 @@
-"""The denoising step that is running now, visible to quantized layers.
+"""What the denoiser is doing now, visible to quantized layers and to calibration.
 
 A pre-forward hook on the denoiser (installed by :mod:`diffq.pipelines.patching`) sets the
 current timestep from the denoiser's ``timestep`` argument; layers read it to pick a
-step-dependent activation scale, and calibration reads it to file statistics per step.
+step-dependent activation scale, and calibration reads it to file statistics per step. During
+calibration the pipeline runner also says whether the batch is ``[unconditional, conditional]``
+(classifier-free guidance), so statistics can be kept per half.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 _TIMESTEP: ContextVar[float | None] = ContextVar("diffq_timestep", default=None)
+_CFG_SPLIT: ContextVar[bool] = ContextVar("diffq_cfg_split", default=False)
 
 
 def current_timestep() -> float | None:
@@ -32,3 +35,12 @@ def timestep(value: float | None) -> Iterator[None]:
         yield
     finally:
         _TIMESTEP.reset(token)
+
+
+def cfg_split_active() -> bool:
+    """Whether the denoiser batch in progress is ``[unconditional half, conditional half]``."""
+    return _CFG_SPLIT.get()
+
+
+def set_cfg_split(active: bool) -> None:
+    _CFG_SPLIT.set(active)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffq.calibration import CalibrationStats
+from diffq.calibration import CalibrationStats, timestep_groups
 from diffq.errors import QuantizationInputError
 from diffq.formats import largest_group_size
-from diffq.modules import QuantizedConv2d, QuantizedLinear
+from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_format
 from diffq.plan import LayerConfig, QuantPlan
+from diffq.ranges import search_activation_clip, search_weight_clip
+from diffq.smoothing import smoothing_vector
 
 
 def layer_columns(module: nn.Module) -> int:
@@ -45,24 +49,88 @@ def quantize_layer(module: nn.Module, config: LayerConfig) -> QuantizedLinear | 
     raise QuantizationInputError(f"cannot quantize a {type(module).__name__}; only Linear and Conv2d are supported.")
 
 
+def _activation_scales(
+    name: str, config: LayerConfig, stats: CalibrationStats, smooth: torch.Tensor | None, channels: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Static activation absmax ``[groups, segments]`` (clipped as configured) and timestep bounds."""
+    timesteps = [t for t in stats.timesteps(name) if t >= 0] or stats.timesteps(name)
+    bounds = timestep_groups(timesteps, config.a_groups) if config.a_groups > 1 else []
+    if len(bounds) != config.a_groups - 1:
+        raise QuantizationInputError(
+            f"layer {name!r} wants {config.a_groups} timestep groups but was calibrated on {len(timesteps)} "
+            "steps; calibrate with more steps or fewer groups."
+        )
+    members: list[list[float]] = [[] for _ in range(config.a_groups)]
+    for t in timesteps:
+        members[bisect.bisect_right(bounds, t)].append(t)
+    edges = [0, config.a_split, channels] if config.a_split else [0, channels]
+    table = torch.zeros(config.a_groups, len(edges) - 1)
+    for g, steps in enumerate(members):
+        channel_absmax = stats.channel_absmax(name, steps)
+        rows = stats.sample(name, steps) if config.a_clip == "mse" else None
+        if smooth is not None:
+            channel_absmax = channel_absmax / smooth
+            rows = None if rows is None else rows / smooth
+        for s, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            absmax = float(channel_absmax[lo:hi].max())
+            ratio = 1.0
+            if config.a_clip == "mse" and rows is not None:
+                ratio = search_activation_clip(rows[:, lo:hi], absmax, config.a_bits)
+            elif config.a_clip == "percentile":
+                ratio = min(1.0, stats.percentile(name, 99.99, steps) / max(stats.absmax(name, steps), 1e-12))
+            table[g, s] = absmax * ratio
+    return table, bounds
+
+
+def _weight_clip(layer: nn.Module, config: LayerConfig, weight2d: torch.Tensor, importance: torch.Tensor | None):
+    if config.w_clip != "mse":
+        return 1.0
+    return search_weight_clip(weight2d, weight_format(config), importance)
+
+
 @torch.no_grad()
 def convert_model(
     model: nn.Module, plan: QuantPlan, stats: CalibrationStats | None = None, progress: bool = True
 ) -> nn.Module:
     """Replace every layer named in ``plan`` by its quantized module, in place; returns ``model``.
 
-    Layers with static activations take their scale from ``stats``.
+    Layers with static activations, smoothing, MSE clipping or BOS handling read ``stats``.
     """
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
         layer = model.get_submodule(name)
-        quantized = quantize_layer(layer, config)
-        if config.a_bits is not None and config.a_mode == "static":
-            if stats is None:
-                raise QuantizationInputError(
-                    f"layer {name!r} needs a static activation scale but no calibration statistics were "
-                    "given; calibrate first or use dynamic activations."
-                )
-            quantized.set_activation_scale(stats.absmax(name))
+        needs_stats = config.static_activations or config.smooth_alpha is not None or config.bos
+        if needs_stats and stats is None:
+            raise QuantizationInputError(
+                f"layer {name!r} needs calibration statistics (static activations, smoothing or BOS); "
+                "calibrate first, or use an -rtn preset with activations='dynamic'."
+            )
+        rows = stats.sample(name) if stats is not None else None
+        if isinstance(layer, nn.Linear):
+            smooth = None
+            if config.smooth_alpha is not None:
+                smooth = smoothing_vector(stats.channel_absmax(name), layer.weight, config.smooth_alpha)
+            weight2d = layer.weight.float() * (1 if smooth is None else smooth)
+            scaled_rows = None if rows is None else rows / (1 if smooth is None else smooth)
+            importance = None if scaled_rows is None else scaled_rows.pow(2).mean(dim=0)
+            clip = _weight_clip(layer, config, weight2d, importance)
+            bos = stats.bos.get(name) if config.bos else None
+            quantized = QuantizedLinear.from_float(layer, config, smooth, clip, bos)
+            channels = layer.in_features
+        elif isinstance(layer, nn.Conv2d):
+            smooth = None
+            importance = None
+            if rows is not None and layer.groups == 1:
+                importance = rows.pow(2).mean(dim=0).repeat_interleave(layer.kernel_size[0] * layer.kernel_size[1])
+            clip = _weight_clip(layer, config, layer.weight.float().reshape(layer.out_channels, -1), importance)
+            quantized = QuantizedConv2d.from_float(layer, config, clip)
+            channels = layer.in_channels
+        else:
+            raise QuantizationInputError(
+                f"cannot quantize a {type(layer).__name__}; only Linear and Conv2d are supported."
+            )
+        if config.static_activations:
+            table, bounds = _activation_scales(name, config, stats, smooth, channels)
+            quantized.set_activation_scale(table, bounds)
         model.set_submodule(name, quantized)
     return model
 

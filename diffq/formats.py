@@ -98,7 +98,7 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
         )
 
 
-def _blocks(x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+def block_view(x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """View a 2-D tensor as ``[rows, blocks, block_len]`` for the format's granularity."""
     rows, cols = x.shape
     if fmt.granularity == "tensor":
@@ -132,7 +132,7 @@ def compute_scales(
     if x.dim() != 2:
         raise QuantizationInputError(f"expected a 2-D tensor, got shape {tuple(x.shape)}.")
     check_finite(x)
-    blocks = _blocks(x.float(), fmt)
+    blocks = block_view(x.float(), fmt)
     tiny = torch.finfo(torch.float32).tiny
     if fmt.symmetric:
         absmax = blocks.abs().amax(dim=-1) * clip_ratio
@@ -159,7 +159,7 @@ def quantize(
         scale, zero = compute_scales(x, fmt)
     else:
         check_finite(x)
-    blocks = _blocks(x.float(), fmt)
+    blocks = block_view(x.float(), fmt)
     q = torch.round(blocks / scale.unsqueeze(-1))
     if zero is not None:
         q = q + zero.unsqueeze(-1)
@@ -176,7 +176,7 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Restore floats from unpacked codes: ``(code - offset - zero) * scale``."""
-    blocks = _blocks(codes, fmt).to(torch.float32) - fmt.code_offset
+    blocks = block_view(codes, fmt).to(torch.float32) - fmt.code_offset
     if zero is not None:
         blocks = blocks - zero.to(torch.float32).unsqueeze(-1)
     return (blocks * scale.to(torch.float32).unsqueeze(-1)).reshape(codes.shape).to(dtype)

@@ -8,10 +8,13 @@ fused kernel or the pure-torch reference for the device.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 from torch import nn
 
 from diffq import kernels
+from diffq.context import current_timestep
 from diffq.errors import QuantizationInputError
 from diffq.formats import IntFormat, compute_scales, packed_cols, quantize
 from diffq.plan import LayerConfig
@@ -41,13 +44,16 @@ class _QuantizedWeightMixin(nn.Module):
         self.register_buffer("weight_scale", torch.ones(rows, blocks, dtype=dtype, device=device))
         zero = None if config.w_symmetric else torch.zeros(rows, blocks, dtype=torch.uint8, device=device)
         self.register_buffer("weight_zero", zero)
-        static = config.a_bits is not None and config.a_mode == "static"
-        act_scale = torch.ones(1, dtype=torch.float32, device=device) if static else None
+        segments = 2 if config.a_split else 1
+        static = config.static_activations
+        act_scale = torch.ones(config.a_groups, segments, dtype=torch.float32, device=device) if static else None
         self.register_buffer("act_scale", act_scale)
+        bounds = torch.zeros(config.a_groups - 1, dtype=torch.float32, device=device) if static else None
+        self.register_buffer("act_bounds", bounds if config.a_groups > 1 else None)
 
-    def _store_weight(self, weight2d: torch.Tensor) -> None:
+    def _store_weight(self, weight2d: torch.Tensor, clip_ratio: torch.Tensor | float = 1.0) -> None:
         fmt = weight_format(self.config)
-        scale, zero = compute_scales(weight2d.detach(), fmt)
+        scale, zero = compute_scales(weight2d.detach(), fmt, clip_ratio)
         q = quantize(weight2d.detach(), fmt, scale, zero)
         self.qweight.copy_(kernels.pack(q.codes, self.config.w_bits))
         self.weight_scale.copy_(scale.to(self.weight_scale.dtype))
@@ -55,17 +61,38 @@ class _QuantizedWeightMixin(nn.Module):
             assert zero is not None
             self.weight_zero.copy_(zero.to(torch.uint8))
 
-    def set_activation_scale(self, absmax: float | torch.Tensor) -> None:
-        """Set the static activation scale from the calibrated absolute maximum."""
+    def set_activation_scale(self, absmax: float | torch.Tensor, bounds: list[float] | None = None) -> None:
+        """Set static activation scales from calibrated absolute maxima.
+
+        ``absmax`` is a scalar, or ``[groups, segments]`` for timestep groups (split by the
+        ascending timestep ``bounds``) and concatenation segments.
+        """
         if self.act_scale is None:
             raise QuantizationInputError("this layer quantizes activations dynamically; it has no static scale.")
-        absmax = torch.as_tensor(absmax, dtype=torch.float32).reshape(1)
+        absmax = torch.as_tensor(absmax, dtype=torch.float32).expand_as(self.act_scale)
         if not torch.isfinite(absmax).all():
             raise QuantizationInputError(
                 "calibration produced a non-finite activation range; run calibration in float32."
             )
         qmax = 2 ** (self.config.a_bits - 1) - 1
         self.act_scale.copy_(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)))
+        if self.act_bounds is not None:
+            if bounds is None or len(bounds) != self.act_bounds.numel():
+                raise QuantizationInputError(
+                    f"{self.config.a_groups} timestep groups need {self.act_bounds.numel()} bounds, got {bounds}."
+                )
+            self.act_bounds.copy_(torch.tensor(bounds, dtype=torch.float32))
+
+    def current_act_scale(self) -> torch.Tensor | None:
+        """The static activation scale(s) for the timestep in progress (``[segments]``)."""
+        if self.act_scale is None:
+            return None
+        if self.act_bounds is None:
+            return self.act_scale[0]
+        t = current_timestep()
+        if t is None:  # outside a denoiser call: the widest range is the safe choice
+            return self.act_scale.amax(dim=0)
+        return self.act_scale[bisect.bisect_right(self.act_bounds.tolist(), t)]
 
     def _weight_kwargs(self) -> dict:
         fmt = weight_format(self.config)
@@ -73,7 +100,6 @@ class _QuantizedWeightMixin(nn.Module):
             "w_bits": self.config.w_bits,
             "w_code_offset": fmt.code_offset,
             "act_bits": self.config.a_bits,
-            "act_scale": self.act_scale,
         }
 
     def dequantize_weight(self) -> torch.Tensor:
@@ -104,30 +130,73 @@ class QuantizedLinear(_QuantizedWeightMixin):
         self.in_features, self.out_features = in_features, out_features
         self._init_buffers(out_features, in_features, config, dtype, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        smooth = torch.ones(in_features, dtype=dtype, device=device) if config.smooth_alpha is not None else None
+        self.register_buffer("smooth", smooth)
+        self.register_buffer("bos_input", torch.zeros(in_features, dtype=dtype, device=device) if config.bos else None)
+        self.register_buffer("bos_output", torch.zeros(out_features, dtype=dtype, device=device) if config.bos else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: LayerConfig) -> QuantizedLinear:
-        """Quantize a float ``nn.Linear`` (its weights are read, not modified)."""
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        config: LayerConfig,
+        smooth: torch.Tensor | None = None,
+        clip_ratio: torch.Tensor | float = 1.0,
+        bos_input: torch.Tensor | None = None,
+    ) -> QuantizedLinear:
+        """Quantize a float ``nn.Linear`` (its weights are read, not modified).
+
+        ``smooth`` divides activations per input channel and multiplies the weight columns
+        (required when ``config.smooth_alpha`` is set); ``clip_ratio`` shrinks each weight
+        block's range; ``bos_input`` is the constant first-token input of a ``bos`` layer.
+        """
         weight = linear.weight
         module = cls(
             linear.in_features, linear.out_features, config, linear.bias is not None, weight.dtype, weight.device
         )
-        module._store_weight(weight.float())
+        if (smooth is None) != (config.smooth_alpha is None):
+            raise QuantizationInputError("pass a smoothing vector exactly when config.smooth_alpha is set.")
+        weight2d = weight.float()
+        if smooth is not None:
+            module.smooth.copy_(smooth)
+            weight2d = weight2d * module.smooth.float()
+        module._store_weight(weight2d, clip_ratio)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
+        if config.bos:
+            if bos_input is None:
+                raise QuantizationInputError("a bos layer needs the BOS input vector from calibration.")
+            module.bos_input.copy_(bos_input)
+            module.bos_output.copy_(linear(module.bos_input.unsqueeze(0)).squeeze(0).detach())
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.quantized_linear(
+        scale = self.current_act_scale()
+        y = kernels.quantized_linear(
             x,
             self.qweight,
             self.weight_scale,
             self.weight_zero,
             in_features=self.in_features,
             bias=self.bias,
+            act_scale=None if scale is None else scale[0],
             act_group_size=self.config.a_group_size,
+            smooth=self.smooth,
             **self._weight_kwargs(),
         )
+        if self.bos_input is not None and x.dim() >= 3:
+            y = self._restore_bos(x, y)
+        return y
+
+    def _restore_bos(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Put the full-precision output back on rows whose first token is the calibrated BOS."""
+        first = x[..., 0, :]
+        is_bos = torch.isclose(first, self.bos_input.to(first.dtype), rtol=1e-4, atol=1e-5).all(dim=-1)
+        if not bool(is_bos.any()):
+            return y
+        y = y.clone()
+        y[..., 0, :] = torch.where(is_bos.unsqueeze(-1), self.bos_output.to(y.dtype), y[..., 0, :])
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.label}, {self.config}"
@@ -161,7 +230,9 @@ class QuantizedConv2d(_QuantizedWeightMixin):
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: LayerConfig) -> QuantizedConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, config: LayerConfig, clip_ratio: torch.Tensor | float = 1.0
+    ) -> QuantizedConv2d:
         """Quantize a float ``nn.Conv2d`` (zero padding only)."""
         if conv.padding_mode != "zeros":
             raise QuantizationInputError(
@@ -181,7 +252,7 @@ class QuantizedConv2d(_QuantizedWeightMixin):
             weight.dtype,
             weight.device,
         )
-        module._store_weight(weight.float().reshape(conv.out_channels, -1))
+        module._store_weight(weight.float().reshape(conv.out_channels, -1), clip_ratio)
         if conv.bias is not None:
             module.bias.data.copy_(conv.bias.detach())
         return module
@@ -202,6 +273,8 @@ class QuantizedConv2d(_QuantizedWeightMixin):
             dilation=self.dilation,
             groups=self.groups,
             bias=self.bias,
+            act_scale=self.current_act_scale(),
+            act_segments=(self.config.a_split,) if self.config.a_split else (),
             **self._weight_kwargs(),
         )
 

@@ -10,6 +10,7 @@ from diffq.errors import CheckpointError, QuantizationInputError
 from diffq.formats import SUPPORTED_BITS
 
 ActivationMode = Literal["dynamic", "static"]
+ClipMethod = Literal["minmax", "mse", "percentile"]
 
 PLAN_FORMAT_VERSION = 1
 
@@ -27,6 +28,16 @@ class LayerConfig:
         a_mode: ``"dynamic"`` (scale per token, computed at run time) or ``"static"`` (scale
             from calibration).
         a_group_size: for dynamic activations, a scale per token and this many features.
+        a_groups: static activations: number of timestep groups, each with its own scale
+            (looked up by timestep value at run time).
+        a_split: for a convolution whose input is a concatenation (UNet skip connections), the
+            channel where the second part starts; each part gets its own activation scale.
+        smooth_alpha: SmoothQuant migration strength; ``None`` = no smoothing vector.
+        w_clip: weight range per block: ``"minmax"`` or ``"mse"`` (clip ratio searched per block).
+        a_clip: static activation range: ``"minmax"``, ``"mse"`` (searched on calibration
+            samples) or ``"percentile"`` (99.99th percentile of ``|x|``).
+        bos: cross-attention key/value projection whose first (BOS) token is computed in full
+            precision from a stored vector; the other tokens are quantized.
     """
 
     w_bits: int = 8
@@ -35,6 +46,12 @@ class LayerConfig:
     a_bits: int | None = 8
     a_mode: ActivationMode = "static"
     a_group_size: int | None = None
+    a_groups: int = 1
+    a_split: int | None = None
+    smooth_alpha: float | None = None
+    w_clip: ClipMethod = "minmax"
+    a_clip: ClipMethod = "minmax"
+    bos: bool = False
 
     def __post_init__(self) -> None:
         if self.w_bits not in SUPPORTED_BITS:
@@ -43,6 +60,15 @@ class LayerConfig:
             raise QuantizationInputError(f"a_bits={self.a_bits} is not supported; use 4, 8 or None.")
         if self.a_mode not in ("dynamic", "static"):
             raise QuantizationInputError(f"a_mode={self.a_mode!r} is not supported; use 'dynamic' or 'static'.")
+        if self.a_groups < 1:
+            raise QuantizationInputError(f"a_groups must be at least 1, got {self.a_groups}.")
+        for name, value in (("w_clip", self.w_clip), ("a_clip", self.a_clip)):
+            if value not in ("minmax", "mse", "percentile"):
+                raise QuantizationInputError(f"{name}={value!r}; use 'minmax', 'mse' or 'percentile'.")
+
+    @property
+    def static_activations(self) -> bool:
+        return self.a_bits is not None and self.a_mode == "static"
 
     @property
     def label(self) -> str:
@@ -113,13 +139,18 @@ class QuantPlan:
 
     def table(self) -> str:
         """A plain-text table: one row per layer with its bits and group size."""
-        rows = [("layer", "weights", "group", "activations")]
+        rows = [("layer", "weights", "group", "activations", "extras")]
         for name, cfg in self.layers.items():
             acts = "16-bit" if cfg.a_bits is None else f"int{cfg.a_bits} {cfg.a_mode}"
-            rows.append((name, f"int{cfg.w_bits}", str(cfg.w_group_size or "channel"), acts))
+            if cfg.static_activations and cfg.a_groups > 1:
+                acts += f" x{cfg.a_groups} step groups"
+            extras = [f"smooth a={cfg.smooth_alpha:g}"] if cfg.smooth_alpha is not None else []
+            extras += ["split"] if cfg.a_split else []
+            extras += ["bos-fp"] if cfg.bos else []
+            rows.append((name, f"int{cfg.w_bits}", str(cfg.w_group_size or "channel"), acts, ", ".join(extras)))
         for name, reason in self.skipped.items():
-            rows.append((name, "16-bit", "-", f"kept: {reason}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            rows.append((name, "16-bit", "-", f"kept: {reason}", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)

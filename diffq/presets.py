@@ -1,8 +1,11 @@
-"""Named recipes (`w8a8`, `w4a8`, ...) and the uniform plans they build.
+"""Named recipes (`w8a8`, `w4a8`, ...) and the plans they build.
 
-A preset is a frozen :class:`Recipe`; :func:`register_preset` adds one. ``<preset>-rtn`` names
-the plain baseline every better method is compared with: min-max scales, round-to-nearest
-weights, and static per-tensor activation scales from a few calibration prompts.
+A preset is a frozen :class:`Recipe`; :func:`register_preset` adds one. The default presets are
+*calibrated*: timestep-grouped activation scales where ranges drift, MSE-searched clipping,
+smoothing, BOS-aware cross-attention and split scales for UNet skip concatenations, all chosen
+per layer from the calibration statistics (:mod:`diffq.planning`). ``<preset>-rtn`` names the
+plain baseline every better method is compared with: min-max scales, round-to-nearest weights,
+and static per-tensor activation scales from a few calibration prompts.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from diffq.calibration import CalibrationStats
 from diffq.convert import resolve_config
 from diffq.errors import UnknownPresetError
 from diffq.plan import LayerConfig, QuantPlan
+from diffq.planning import CalibrationOptions, calibrated_plan
 
 
 @dataclass(frozen=True)
@@ -23,10 +28,12 @@ class Recipe:
     name: str
     layer: LayerConfig
     description: str
+    calibration: CalibrationOptions | None = None
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.layer.a_bits is not None and self.layer.a_mode == "static"
+    def needs_calibration(self, **overrides: object) -> bool:
+        """Whether building the plan needs calibration statistics."""
+        layer = replace(self.layer, **overrides) if overrides else self.layer
+        return self.calibration is not None or layer.static_activations
 
 
 PRESETS: dict[str, Recipe] = {}
@@ -52,11 +59,19 @@ def available_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def uniform_plan(
-    recipe: Recipe, layers: dict[str, nn.Module], kept: dict[str, str], **overrides: object
+def build_plan(
+    recipe: Recipe,
+    layers: dict[str, nn.Module],
+    kept: dict[str, str],
+    stats: CalibrationStats | None = None,
+    splits: dict[str, int] | None = None,
+    progress: bool = True,
+    **overrides: object,
 ) -> QuantPlan:
-    """A plan giving every quantizable layer the recipe's config, fitted to the layer's shape."""
+    """The recipe's plan for these layers: uniform, or tuned per layer from ``stats``."""
     base = replace(recipe.layer, **overrides) if overrides else recipe.layer
+    if recipe.calibration is not None:
+        return calibrated_plan(recipe.name, base, recipe.calibration, layers, kept, stats, splits, progress)
     planned = {name: resolve_config(module, base) for name, module in layers.items()}
     return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(kept))
 
@@ -73,5 +88,4 @@ for _name, _weights, _acts, _what in (
     _config = LayerConfig(**_weights, **_acts)
     _text = f"{_what[0]} weights, {_what[1]}"
     register_preset(Recipe(f"{_name}-rtn", _config, f"baseline: {_text}, min-max round-to-nearest"))
-    # The default presets use the same recipe until timestep-aware calibration replaces it.
-    register_preset(Recipe(_name, _config, _text))
+    register_preset(Recipe(_name, _config, f"{_text}, timestep-aware calibration", CalibrationOptions()))

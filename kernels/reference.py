@@ -107,6 +107,20 @@ def quantized_linear(
     return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
+def _fake_quantize_channels(
+    x: torch.Tensor, bits: int, scale: torch.Tensor | None, segments: tuple[int, ...]
+) -> torch.Tensor:
+    """Fake-quantize ``[N, C, H, W]`` per pixel (dynamic) or per channel segment (static scales)."""
+    bounds = [0, *segments, x.shape[1]]
+    parts = []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        pixels = x[:, lo:hi].movedim(1, -1)
+        flat = pixels.reshape(-1, pixels.shape[-1])
+        part_scale = None if scale is None else scale.reshape(-1)[i]
+        parts.append(fake_quantize_activations(flat, bits, part_scale).reshape(pixels.shape).movedim(-1, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def quantized_conv2d(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -123,8 +137,14 @@ def quantized_conv2d(
     bias: torch.Tensor | None = None,
     act_bits: int | None = None,
     act_scale: torch.Tensor | None = None,
+    act_segments: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """2-D convolution with packed integer weights; dynamic activation scales are per pixel."""
+    """2-D convolution with packed integer weights.
+
+    Dynamic activation scales are per pixel. ``act_segments`` are channel indices where the
+    input is split (a concatenation of two tensors); each part is quantized with its own scale
+    (``act_scale[i]`` when static).
+    """
     out_channels = weight_shape[0]
     cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
     weight = dequantize_weight(
@@ -132,10 +152,7 @@ def quantized_conv2d(
     ).reshape(weight_shape)
     x32 = x.to(torch.float32)
     if act_bits is not None:
-        # Per "token" for a convolution is per pixel, over its input channels.
-        pixels = x32.movedim(1, -1)
-        flat = pixels.reshape(-1, pixels.shape[-1])
-        x32 = fake_quantize_activations(flat, act_bits, act_scale).reshape(pixels.shape).movedim(-1, 1)
+        x32 = _fake_quantize_channels(x32, act_bits, act_scale, act_segments)
     y = F.conv2d(
         x32,
         weight,

@@ -35,6 +35,15 @@ class Adapter:
     keep_full_precision: dict[str, str]  # pattern -> reason
     content_patterns: tuple[str, ...]
     notes: str = ""
+    bos_patterns: tuple[str, ...] = ()  # cross-attention K/V projections fed by text states
+
+    def bos_layers(self, names: list[str] | set[str]) -> set[str]:
+        """The layers whose first input token is the text encoder's BOS (when it has one)."""
+        return {n for n in names if any(fnmatchcase(n, p) for p in self.bos_patterns)}
+
+    def concat_splits(self, denoiser: nn.Module) -> dict[str, int]:
+        """Layers whose input is a channel concatenation, with the channel where part two starts."""
+        return unet_concat_splits(denoiser) if self.name == "unet" else {}
 
     def matches(self, denoiser: nn.Module) -> bool:
         return any(cls.__name__ in self.denoiser_classes for cls in type(denoiser).__mro__)
@@ -66,6 +75,26 @@ class Adapter:
         return quantizable, kept
 
 
+def unet_concat_splits(unet: nn.Module) -> dict[str, int]:
+    """UNet up-block ResNets see ``cat([hidden, skip], dim=1)``: their conv1/conv_shortcut inputs.
+
+    The hidden part has the previous block's output channels (first ResNet of a block) or the
+    block's own output channels (the others); the skip part follows.
+    """
+    splits: dict[str, int] = {}
+    previous = unet.mid_block.resnets[-1].out_channels if getattr(unet, "mid_block", None) else None
+    for b, block in enumerate(getattr(unet, "up_blocks", [])):
+        for r, resnet in enumerate(getattr(block, "resnets", [])):
+            hidden = previous if r == 0 else resnet.out_channels
+            if hidden is not None and 0 < hidden < resnet.in_channels:
+                splits[f"up_blocks.{b}.resnets.{r}.conv1"] = hidden
+                if getattr(resnet, "conv_shortcut", None) is not None:
+                    splits[f"up_blocks.{b}.resnets.{r}.conv_shortcut"] = hidden
+        if getattr(block, "resnets", None):
+            previous = block.resnets[-1].out_channels
+    return splits
+
+
 def _keep(first: tuple[str, ...], last: tuple[str, ...], embeddings: tuple[str, ...]) -> dict[str, str]:
     rules = {p: "first layer" for p in first}
     rules.update({p: "last layer" for p in last})
@@ -83,8 +112,11 @@ UNET = Adapter(
         embeddings=("time_embedding.*", "add_embedding.*", "class_embedding.*", "encoder_hid_proj.*"),
     ),
     content_patterns=("*attn2.*", "*.ff.*"),
+    bos_patterns=("*attn2.to_k", "*attn2.to_v"),
     notes="SD 1.x/2.x and SDXL UNets: conv_in/conv_out, the time and added-condition embeddings and "
-    "every ResNet time_emb_proj stay 16-bit; cross-attention (attn2) and feed-forward are content layers.",
+    "every ResNet time_emb_proj stay 16-bit; cross-attention (attn2) and feed-forward are content layers. "
+    "Up-block ResNets get one activation scale per half of their skip concatenation; attn2 key/value "
+    "projections compute the CLIP BOS token in full precision.",
 )
 
 PIXART = Adapter(
@@ -96,6 +128,7 @@ PIXART = Adapter(
         embeddings=("adaln_single.*", "caption_projection.*"),
     ),
     content_patterns=("*attn2.*", "*.ff.*"),
+    bos_patterns=("*attn2.to_k", "*attn2.to_v"),
     notes="PixArt-α/Σ: patch embedding, proj_out, adaLN-single and caption projection stay 16-bit; "
     "cross-attention and feed-forward are content layers.",
 )

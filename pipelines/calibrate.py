@@ -10,8 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import ActivationObserver, CalibrationStats
+from diffq.context import set_cfg_split
 from diffq.errors import QuantizationInputError
-from diffq.pipelines.adapters import denoiser_of
+from diffq.pipelines.adapters import adapter_for, denoiser_of
 from diffq.pipelines.patching import install_timestep_hook
 
 DEFAULT_PROMPTS = (
@@ -34,6 +35,15 @@ def default_prompts(pipe: Any) -> list[str]:
     return list(DEFAULT_PROMPTS)
 
 
+def has_bos_token(pipe: Any) -> bool:
+    """Whether the pipeline's (first) tokenizer starts every prompt with a BOS token (CLIP does, T5 does not)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None or getattr(tokenizer, "bos_token_id", None) is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def calibrate_pipeline(
     pipe: Any,
     layers: dict[str, nn.Module],
@@ -42,9 +52,14 @@ def calibrate_pipeline(
     guidance_scale: float | None = None,
     seed: int = 0,
     progress: bool = True,
+    sample_rows: int = 256,
     **call_kwargs: Any,
 ) -> CalibrationStats:
-    """Run ``pipe`` on each prompt and return the statistics of ``layers``' inputs per timestep."""
+    """Run ``pipe`` on each prompt and return the statistics of ``layers``' inputs per timestep.
+
+    Statistics are kept per classifier-free-guidance half when the pipeline uses guidance, and
+    cross-attention key/value inputs leave their BOS token out when the tokenizer adds one.
+    """
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise QuantizationInputError("calibration prompts must be a non-empty list of non-empty strings.")
     if num_inference_steps < 1:
@@ -53,7 +68,13 @@ def calibrate_pipeline(
     install_timestep_hook(denoiser)
     if guidance_scale is not None:
         call_kwargs["guidance_scale"] = guidance_scale
-    observer = ActivationObserver(layers)
+    bos_layers = adapter_for(denoiser).bos_layers(set(layers)) if has_bos_token(pipe) else set()
+    observer = ActivationObserver(layers, sample_rows=sample_rows, bos_layers=bos_layers, seed=seed)
+
+    def flag_guidance(_module: nn.Module, _args: tuple) -> None:
+        set_cfg_split(bool(getattr(pipe, "do_classifier_free_guidance", False)))
+
+    guidance_hook = denoiser.register_forward_pre_hook(flag_guidance)
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(prompts) * num_inference_steps, desc="diffq: calibrating", disable=not progress)
@@ -75,6 +96,8 @@ def calibrate_pipeline(
                     **call_kwargs,
                 )
     finally:
+        guidance_hook.remove()
+        set_cfg_split(False)
         bar.close()
         pipe._progress_bar_config = saved_bar
     return stats

@@ -42,12 +42,17 @@ def install_timestep_hook(denoiser: nn.Module) -> None:
             value = None
         set_timestep(_timestep_value(value))
 
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-    object.__setattr__(denoiser, _HOOK_ATTR, handle)
+    def clear(_module: nn.Module, _args: tuple, _output: Any) -> None:
+        set_timestep(None)  # outside a denoiser call there is no current step, even after an error
+
+    handles = (
+        denoiser.register_forward_pre_hook(hook, with_kwargs=True),
+        denoiser.register_forward_hook(clear, always_call=True),
+    )
+    object.__setattr__(denoiser, _HOOK_ATTR, handles)
 
 
 def remove_timestep_hook(denoiser: nn.Module) -> None:
-    handle = getattr(denoiser, _HOOK_ATTR, None)
-    if handle is not None:
+    for handle in getattr(denoiser, _HOOK_ATTR, None) or ():
         handle.remove()
-        object.__setattr__(denoiser, _HOOK_ATTR, None)
+    object.__setattr__(denoiser, _HOOK_ATTR, None)

@@ -54,3 +54,16 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("quantize", "generate", "eval", "calibrate", "allocate", "demo"):
         assert command in out
+
+
+def test_calibrate_plots_and_saves(float_folder, tmp_path):
+    stats_path = tmp_path / "stats.safetensors"
+    code = main(["calibrate", str(float_folder), "--plot", str(tmp_path / "plots"), "--out", str(stats_path),
+                 "--steps", "3", "--height", "32", "--width", "32", "--top", "4", "--no-progress"])
+    assert code == 0
+    png = tmp_path / "plots" / "activation_ranges.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from diffq.calibration import CalibrationStats
+
+    stats = CalibrationStats.load(stats_path)
+    assert all(len({t for t, _ in steps}) == 3 for steps in stats.layers.values())

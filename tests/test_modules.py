@@ -3,8 +3,6 @@ import torch
 from torch import nn
 
 from diffq import kernels
-from diffq.calibration import ActivationObserver, CalibrationStats
-from diffq.context import timestep
 from diffq.convert import resolve_config
 from diffq.errors import QuantizationInputError
 from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_bytes
@@ -91,44 +89,6 @@ def test_dispatch_uses_registered_kernel_for_its_device(monkeypatch):
     monkeypatch.setitem(kernels._KERNELS["quantized_linear"], "cpu", None)
     monkeypatch.delitem(kernels._KERNELS["quantized_linear"], "cpu")
     assert kernels.backend_for("quantized_linear", torch.device("cpu")) is kernels.reference.quantized_linear
-
-
-def test_observer_stats_equal_direct_computation():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    inputs = {0.0: [torch.randn(5, 16), torch.randn(3, 16)], 500.0: [torch.randn(4, 16) * 3]}
-    observer = ActivationObserver({"0": model[0], "2": model[2]})
-    with observer.observe() as stats:
-        for t, batches in inputs.items():
-            with timestep(t):
-                for x in batches:
-                    model(x)
-    assert sorted(stats.layers["0"]) == [0.0, 500.0]
-    for t, batches in inputs.items():
-        x = torch.cat(batches)
-        assert torch.equal(stats.layers["0"][t].channel_min, x.amin(0))
-        assert torch.equal(stats.layers["0"][t].channel_max, x.amax(0))
-        hidden = torch.relu(model[0](x))
-        assert torch.allclose(stats.layers["2"][t].channel_max, hidden.amax(0))
-    assert stats.absmax("0") == pytest.approx(float(torch.cat(sum(inputs.values(), [])).abs().max()))
-    assert not model[0]._forward_pre_hooks  # hooks removed
-
-
-def test_calibration_stats_save_load_merge(tmp_path):
-    a = CalibrationStats()
-    b = CalibrationStats()
-    for stats, scale in ((a, 1.0), (b, 2.0)):
-        observer = ActivationObserver({"lin": nn.Linear(8, 2)})
-        observer.stats = stats
-        with observer.observe(), timestep(10.0):
-            observer.layers["lin"](torch.linspace(-scale, scale, 8).reshape(1, 8))
-    a.save(tmp_path / "stats.safetensors")
-    loaded = CalibrationStats.load(tmp_path / "stats.safetensors")
-    assert torch.equal(loaded.layers["lin"][10.0].channel_max, a.layers["lin"][10.0].channel_max)
-    merged = loaded.merge(b)
-    assert merged.absmax("lin") == pytest.approx(2.0)
-    assert merged.layers["lin"][10.0].count == 2
-    assert a.absmax("lin") == pytest.approx(1.0)  # merge does not modify its inputs
 
 
 def test_plan_round_trips_through_json():

@@ -1,0 +1,92 @@
+"""Per-layer decisions of a calibrated recipe, read from the calibration statistics.
+
+For each quantizable layer: static activations get one scale per *timestep group* when their
+range drifts across steps (``drift >= drift_threshold``), else one scale; convolutions fed by a
+concatenation get a scale per part; cross-attention key/value projections with a constant BOS
+first token compute it in full precision; linear layers get a smoothing strength searched on
+the sampled inputs. Clipping methods are recorded for :mod:`diffq.convert` to apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffq.calibration import CalibrationStats
+from diffq.convert import resolve_config
+from diffq.errors import QuantizationInputError
+from diffq.modules import weight_format
+from diffq.plan import ClipMethod, LayerConfig, QuantPlan
+from diffq.smoothing import ALPHA_CANDIDATES, search_alpha
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How a calibrated recipe uses the statistics."""
+
+    timestep_groups: int = 4
+    drift_threshold: float = 1.5
+    smoothing: bool = True
+    alphas: tuple[float, ...] = ALPHA_CANDIDATES
+    w_clip: ClipMethod = "mse"
+    a_clip: ClipMethod = "mse"
+    bos: bool = True
+    split_concat: bool = True
+
+
+def plan_layer(
+    name: str,
+    module: nn.Module,
+    config: LayerConfig,
+    options: CalibrationOptions,
+    stats: CalibrationStats,
+    split: int | None = None,
+) -> LayerConfig:
+    """The calibrated config of one layer (``config`` already fitted to the layer's shape)."""
+    changes: dict = {"w_clip": options.w_clip}
+    if config.static_activations:
+        changes["a_clip"] = options.a_clip
+        steps = [t for t in stats.timesteps(name) if t >= 0]
+        if len(steps) > 1 and stats.drift(name) >= options.drift_threshold:
+            changes["a_groups"] = min(options.timestep_groups, len(steps))
+    if isinstance(module, nn.Conv2d) and split and options.split_concat and config.a_bits is not None:
+        changes["a_split"] = split
+    if isinstance(module, nn.Linear):
+        if options.bos and name in stats.bos:
+            changes["bos"] = True
+        rows = stats.sample(name)
+        if options.smoothing and rows is not None and rows.shape[0] >= 8:
+            changes["smooth_alpha"] = search_alpha(
+                rows,
+                module.weight.detach(),
+                weight_format(config),
+                config.a_bits,
+                stats.channel_absmax(name),
+                dynamic=config.a_mode == "dynamic",
+                candidates=options.alphas,
+            )
+    return replace(config, **changes)
+
+
+def calibrated_plan(
+    preset: str,
+    base: LayerConfig,
+    options: CalibrationOptions,
+    layers: dict[str, nn.Module],
+    kept: dict[str, str],
+    stats: CalibrationStats | None,
+    splits: dict[str, int] | None = None,
+    progress: bool = True,
+) -> QuantPlan:
+    """A plan whose layers start from ``base`` and are tuned from ``stats``."""
+    if stats is None:
+        raise QuantizationInputError(
+            f"preset {preset!r} is calibrated: pass calibration statistics (diffq.calibrate) or use {preset}-rtn."
+        )
+    splits = splits or {}
+    planned = {}
+    for name, module in tqdm(layers.items(), desc="diffq: planning layers", disable=not progress):
+        planned[name] = plan_layer(name, module, resolve_config(module, base), options, stats, splits.get(name))
+    return QuantPlan(preset=preset, layers=planned, skipped=dict(kept))

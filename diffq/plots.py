@@ -1,0 +1,53 @@
+"""Matplotlib figures of calibration statistics (written as PNG; matplotlib is imported lazily)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from diffq.calibration import NO_TIMESTEP, CalibrationStats
+
+
+def widest_drift(stats: CalibrationStats, top: int = 6) -> list[str]:
+    """The ``top`` layers whose activation range moves most across denoising steps."""
+    return sorted(stats.layers, key=stats.drift, reverse=True)[:top]
+
+
+def plot_activation_ranges(stats: CalibrationStats, out_dir: str | os.PathLike, top: int = 6) -> Path:
+    """Plot |x| max and 99.9th percentile against the denoising step for the widest-drift layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = widest_drift(stats, top)
+    cols = min(3, max(1, len(names)))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        steps = [t for t in stats.timesteps(name) if t != NO_TIMESTEP]
+        branches = sorted({b for (_t, b) in stats.layers[name]})
+        for branch in branches:
+            present = [t for t in steps if (t, branch) in stats.layers[name]]
+            ax.plot(present, [stats.absmax(name, [t], branch) for t in present], marker="o", ms=3,
+                    label=f"max |x| ({branch})")
+        ax.plot(steps, [stats.percentile(name, 99.9, [t]) for t in steps], ls="--", label="99.9th pct")
+        ax.set_title(f"{name}\ndrift x{stats.drift(name):.2f}", fontsize=8)
+        ax.set_xlabel("timestep (noisy → clean)")
+        ax.invert_xaxis()
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Activation range per denoising step (layers with the widest drift)")
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "activation_ranges.png"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".activation_ranges.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,55 @@
+"""Range search: the clipping that minimises quantization error, for weights and activations."""
+
+from __future__ import annotations
+
+import torch
+
+from diffq.formats import IntFormat, block_view, compute_scales, quantize
+from diffq.kernels.reference import fake_quantize_activations
+
+WEIGHT_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+ACTIVATION_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+
+
+def search_weight_clip(
+    weight: torch.Tensor,
+    fmt: IntFormat,
+    importance: torch.Tensor | None = None,
+    candidates: tuple[float, ...] = WEIGHT_CLIP_CANDIDATES,
+) -> torch.Tensor:
+    """Per-block clip ratio (``[rows or 1, blocks]``) minimising the weighted squared error.
+
+    ``importance`` (one value per input column, e.g. the mean square of the activations that
+    multiply it) weights the error so that columns that meet large inputs are kept accurate.
+    """
+    weight = weight.float()
+    weights = torch.ones_like(weight) if importance is None else importance.float().expand_as(weight)
+    best_err: torch.Tensor | None = None
+    best_ratio: torch.Tensor | None = None
+    for ratio in candidates:
+        scale, zero = compute_scales(weight, fmt, ratio)
+        restored = quantize(weight, fmt, scale, zero).dequantize()
+        err = (block_view((restored - weight).pow(2) * weights, fmt)).sum(dim=-1)
+        if best_err is None:
+            best_err, best_ratio = err, torch.full_like(err, ratio)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, torch.full_like(err, ratio), best_ratio)
+    assert best_ratio is not None
+    return best_ratio
+
+
+def search_activation_clip(
+    rows: torch.Tensor, absmax: float, bits: int, candidates: tuple[float, ...] = ACTIVATION_CLIP_CANDIDATES
+) -> float:
+    """Clip ratio of a static activation range minimising the squared error on sampled rows."""
+    if absmax <= 0 or rows.numel() == 0:
+        return 1.0
+    qmax = 2 ** (bits - 1) - 1
+    rows = rows.float()
+    errors = []
+    for ratio in candidates:
+        scale = torch.tensor(absmax * ratio / qmax)
+        errors.append(float((fake_quantize_activations(rows, bits, scale) - rows).pow(2).mean()))
+    return candidates[min(range(len(candidates)), key=errors.__getitem__)]

@@ -1,0 +1,67 @@
+"""SmoothQuant-style smoothing: migrate activation outliers into the weights, per input channel.
+
+With ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)``, the layer computes
+``(X / s) @ (W * s)^T``, the same function, with flatter activations and slightly rougher weights.
+The division by ``s`` is applied in the activation-quantization pass (one read of ``x``); the
+multiplication is folded into the quantized weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffq.formats import IntFormat, fake_quantize
+from diffq.kernels.reference import fake_quantize_activations
+
+ALPHA_CANDIDATES = (0.25, 0.4, 0.5, 0.6, 0.75)
+
+
+def smoothing_vector(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-input-channel smoothing factors (float32)."""
+    a = act_absmax.float().clamp_min(1e-5)
+    w = weight.float().abs().amax(dim=0).clamp_min(1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(1e-4, 1e4)
+
+
+def layer_error(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    w_fmt: IntFormat,
+    a_bits: int | None,
+    act_absmax: torch.Tensor,
+    smooth: torch.Tensor | None,
+    dynamic: bool,
+) -> float:
+    """Mean squared output error of a quantized linear layer on sampled input rows."""
+    reference = rows @ weight.t()
+    x, w = rows, weight
+    absmax = act_absmax
+    if smooth is not None:
+        x, w, absmax = rows / smooth, weight * smooth, act_absmax / smooth
+    w_q = fake_quantize(w, w_fmt)
+    if a_bits is not None:
+        scale = None if dynamic else torch.tensor(float(absmax.max()) / (2 ** (a_bits - 1) - 1))
+        x = fake_quantize_activations(x, a_bits, scale)
+    return float((x @ w_q.t() - reference).pow(2).mean())
+
+
+def search_alpha(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    w_fmt: IntFormat,
+    a_bits: int | None,
+    act_absmax: torch.Tensor,
+    dynamic: bool = False,
+    candidates: tuple[float, ...] = ALPHA_CANDIDATES,
+) -> float | None:
+    """The migration strength with the smallest output error on ``rows``; ``None`` if none beats no smoothing."""
+    rows, weight = rows.float(), weight.float()
+    best_alpha: float | None = None
+    best = layer_error(rows, weight, w_fmt, a_bits, act_absmax, None, dynamic)
+    for alpha in candidates:
+        err = layer_error(
+            rows, weight, w_fmt, a_bits, act_absmax, smoothing_vector(act_absmax, weight, alpha), dynamic
+        )
+        if err < best * 0.98:  # a clear win only: smoothing costs a vector and a division
+            best, best_alpha = err, alpha
+    return best_alpha
