@@ -166,6 +166,7 @@ def quantize(
     calibration: Sequence[str] | Sequence[Mapping[str, Any]] | CalibrationStats | None = None,
     num_calibration_steps: int = 8,
     activations: str | None = None,
+    rank: int | None = None,
     progress: bool = True,
     load_kwargs: Mapping[str, Any] | None = None,
     **calibration_kwargs: Any,
@@ -175,13 +176,14 @@ def quantize(
     Args:
         target: a ``DiffusionPipeline`` instance, a pipeline class (its default checkpoint, or
             ``model=``), a bundled name / local folder / Hub id, or a denoiser ``nn.Module``.
-        preset: ``"w8a8"``, ``"w4a8"``, ``"w4a16"``, ``"w8a16"`` (calibrated), or their ``-rtn``
-            baselines.
+        preset: ``"w8a8"``, ``"w4a8"``, ``"w4a16"``, ``"w8a16"``, ``"w4a4"`` (calibrated), or their
+            ``-rtn`` baselines.
         model: with a pipeline class, the checkpoint to load instead of the class's default.
         calibration: prompts to calibrate on (default: a few per model), precomputed
             :class:`CalibrationStats`, or — for a bare module — a list of forward-kwargs dicts.
         num_calibration_steps: denoising steps per calibration prompt.
         activations: ``"dynamic"`` or ``"static"`` to override the preset's activation scales.
+        rank: rank of the 16-bit low-rank branch on Linear layers (``w4a4`` uses 32; ``0`` = none).
         progress: show progress bars.
         load_kwargs: passed to ``from_pretrained`` when diffq loads the pipeline.
         calibration_kwargs: passed to the pipeline call during calibration (``height``, ...).
@@ -195,6 +197,10 @@ def quantize(
         if activations not in ("dynamic", "static"):
             raise QuantizationInputError(f"activations={activations!r}; use 'dynamic' or 'static'.")
         overrides["a_mode"] = activations
+    if rank is not None:
+        if not isinstance(rank, int) or rank < 0:
+            raise QuantizationInputError(f"rank={rank!r}; use 0 (no low-rank branch) or a positive integer such as 32.")
+        overrides["rank"] = rank
     resolved = _resolve_target(target, model, dict(load_kwargs or {}))
     is_pipe = _is_pipeline(resolved)
     denoiser = denoiser_of(resolved) if is_pipe else resolved

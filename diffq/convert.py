@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 from diffq.calibration import CalibrationStats, timestep_groups
 from diffq.errors import QuantizationInputError
 from diffq.formats import largest_group_size
+from diffq.lowrank import split_low_rank
 from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_format
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.ranges import search_activation_clip, search_weight_clip
@@ -27,7 +29,11 @@ def layer_columns(module: nn.Module) -> int:
 
 
 def resolve_config(module: nn.Module, config: LayerConfig) -> LayerConfig:
-    """Fit a requested config to a layer: a group size that divides its rows, or per channel."""
+    """Fit a requested config to a layer: a group size that divides its rows (or per channel), and
+    a low-rank branch only on Linear layers, no wider than the layer."""
+    if config.rank:
+        rank = min(config.rank, module.in_features, module.out_features) if isinstance(module, nn.Linear) else 0
+        config = replace(config, rank=rank)
     if config.w_group_size is None:
         return config
     cols = layer_columns(module)
@@ -37,7 +43,7 @@ def resolve_config(module: nn.Module, config: LayerConfig) -> LayerConfig:
     a_group = config.a_group_size
     if a_group is not None and isinstance(module, nn.Linear):
         a_group = largest_group_size(cols, a_group)
-    return LayerConfig(**{**config.to_dict(), "w_group_size": size, "a_group_size": a_group})
+    return replace(config, w_group_size=size, a_group_size=a_group)
 
 
 def quantize_layer(module: nn.Module, config: LayerConfig) -> QuantizedLinear | QuantizedConv2d:
@@ -110,11 +116,15 @@ def convert_model(
             if config.smooth_alpha is not None:
                 smooth = smoothing_vector(stats.channel_absmax(name), layer.weight, config.smooth_alpha)
             weight2d = layer.weight.float() * (1 if smooth is None else smooth)
+            lowrank = None
+            if config.rank:
+                down, up, weight2d = split_low_rank(weight2d, config.rank)
+                lowrank = (down, up)
             scaled_rows = None if rows is None else rows / (1 if smooth is None else smooth)
             importance = None if scaled_rows is None else scaled_rows.pow(2).mean(dim=0)
             clip = _weight_clip(layer, config, weight2d, importance)
             bos = stats.bos.get(name) if config.bos else None
-            quantized = QuantizedLinear.from_float(layer, config, smooth, clip, bos)
+            quantized = QuantizedLinear.from_float(layer, config, smooth, clip, bos, lowrank)
             channels = layer.in_features
         elif isinstance(layer, nn.Conv2d):
             smooth = None

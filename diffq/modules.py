@@ -17,6 +17,7 @@ from diffq import kernels
 from diffq.context import current_timestep
 from diffq.errors import QuantizationInputError
 from diffq.formats import IntFormat, compute_scales, packed_cols, quantize
+from diffq.lowrank import split_low_rank
 from diffq.plan import LayerConfig
 
 
@@ -134,6 +135,9 @@ class QuantizedLinear(_QuantizedWeightMixin):
         self.register_buffer("smooth", smooth)
         self.register_buffer("bos_input", torch.zeros(in_features, dtype=dtype, device=device) if config.bos else None)
         self.register_buffer("bos_output", torch.zeros(out_features, dtype=dtype, device=device) if config.bos else None)
+        rank = config.rank
+        self.register_buffer("lowrank_down", torch.zeros(in_features, rank, dtype=dtype, device=device) if rank else None)
+        self.register_buffer("lowrank_up", torch.zeros(rank, out_features, dtype=dtype, device=device) if rank else None)
 
     @classmethod
     def from_float(
@@ -143,12 +147,15 @@ class QuantizedLinear(_QuantizedWeightMixin):
         smooth: torch.Tensor | None = None,
         clip_ratio: torch.Tensor | float = 1.0,
         bos_input: torch.Tensor | None = None,
+        lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantizedLinear:
         """Quantize a float ``nn.Linear`` (its weights are read, not modified).
 
         ``smooth`` divides activations per input channel and multiplies the weight columns
         (required when ``config.smooth_alpha`` is set); ``clip_ratio`` shrinks each weight
-        block's range; ``bos_input`` is the constant first-token input of a ``bos`` layer.
+        block's range; ``bos_input`` is the constant first-token input of a ``bos`` layer;
+        ``lowrank`` is ``(down [in, r], up [r, out])`` of the smoothed weight (computed here
+        from an SVD when ``config.rank`` is set and it is not given).
         """
         weight = linear.weight
         module = cls(
@@ -160,6 +167,15 @@ class QuantizedLinear(_QuantizedWeightMixin):
         if smooth is not None:
             module.smooth.copy_(smooth)
             weight2d = weight2d * module.smooth.float()
+        if config.rank:
+            if lowrank is None:
+                down, up, _ = split_low_rank(weight2d, config.rank)
+            else:
+                down, up = lowrank
+            module.lowrank_down.copy_(down)
+            module.lowrank_up.copy_(up)
+            # Quantize what the stored (rounded) branch leaves, so the two parts add up.
+            weight2d = weight2d - (module.lowrank_down.float() @ module.lowrank_up.float()).t()
         module._store_weight(weight2d, clip_ratio)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
@@ -182,6 +198,8 @@ class QuantizedLinear(_QuantizedWeightMixin):
             act_scale=None if scale is None else scale[0],
             act_group_size=self.config.a_group_size,
             smooth=self.smooth,
+            lora_down=self.lowrank_down,
+            lora_up=self.lowrank_up,
             **self._weight_kwargs(),
         )
         if self.bos_input is not None and x.dim() >= 3:

@@ -38,6 +38,8 @@ class LayerConfig:
             samples) or ``"percentile"`` (99.99th percentile of ``|x|``).
         bos: cross-attention key/value projection whose first (BOS) token is computed in full
             precision from a stored vector; the other tokens are quantized.
+        rank: rank of the 16-bit low-rank branch that absorbs weight outliers (SVDQuant); the
+            quantized weight is the residual. ``0`` = no branch. Linear layers only.
     """
 
     w_bits: int = 8
@@ -52,6 +54,7 @@ class LayerConfig:
     w_clip: ClipMethod = "minmax"
     a_clip: ClipMethod = "minmax"
     bos: bool = False
+    rank: int = 0
 
     def __post_init__(self) -> None:
         if self.w_bits not in SUPPORTED_BITS:
@@ -60,6 +63,8 @@ class LayerConfig:
             raise QuantizationInputError(f"a_bits={self.a_bits} is not supported; use 4, 8 or None.")
         if self.a_mode not in ("dynamic", "static"):
             raise QuantizationInputError(f"a_mode={self.a_mode!r} is not supported; use 'dynamic' or 'static'.")
+        if self.rank < 0:
+            raise QuantizationInputError(f"rank must be 0 (no low-rank branch) or positive, got {self.rank}.")
         if self.a_groups < 1:
             raise QuantizationInputError(f"a_groups must be at least 1, got {self.a_groups}.")
         for name, value in (("w_clip", self.w_clip), ("a_clip", self.a_clip)):
@@ -147,6 +152,7 @@ class QuantPlan:
             extras = [f"smooth a={cfg.smooth_alpha:g}"] if cfg.smooth_alpha is not None else []
             extras += ["split"] if cfg.a_split else []
             extras += ["bos-fp"] if cfg.bos else []
+            extras += [f"rank {cfg.rank}"] if cfg.rank else []
             rows.append((name, f"int{cfg.w_bits}", str(cfg.w_group_size or "channel"), acts, ", ".join(extras)))
         for name, reason in self.skipped.items():
             rows.append((name, "16-bit", "-", f"kept: {reason}", ""))

@@ -66,6 +66,8 @@ def plan_layer(
                 stats.channel_absmax(name),
                 dynamic=config.a_mode == "dynamic",
                 candidates=options.alphas,
+                rank=config.rank,
+                a_group_size=config.a_group_size,
             )
     return replace(config, **changes)
 

@@ -89,3 +89,18 @@ for _name, _weights, _acts, _what in (
     _text = f"{_what[0]} weights, {_what[1]}"
     register_preset(Recipe(f"{_name}-rtn", _config, f"baseline: {_text}, min-max round-to-nearest"))
     register_preset(Recipe(_name, _config, f"{_text}, timestep-aware calibration", CalibrationOptions()))
+
+# 4-bit activations: static ranges cannot hold them, so scales are dynamic per token and group of 64.
+_W4A4 = LayerConfig(w_bits=4, w_group_size=64, a_bits=4, a_mode="dynamic", a_group_size=64)
+register_preset(
+    Recipe("w4a4-rtn", _W4A4, "baseline: int4 group-64 weights, int4 dynamic per-token-group activations, min-max")
+)
+register_preset(
+    Recipe(
+        "w4a4",
+        replace(_W4A4, rank=32),
+        "int4 group-64 weights with a rank-32 16-bit low-rank branch (SVDQuant), smoothing, "
+        "int4 dynamic per-token-group activations",
+        CalibrationOptions(),
+    )
+)

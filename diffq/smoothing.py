@@ -12,6 +12,7 @@ import torch
 
 from diffq.formats import IntFormat, fake_quantize
 from diffq.kernels.reference import fake_quantize_activations
+from diffq.lowrank import split_low_rank
 
 ALPHA_CANDIDATES = (0.25, 0.4, 0.5, 0.6, 0.75)
 
@@ -31,6 +32,8 @@ def layer_error(
     act_absmax: torch.Tensor,
     smooth: torch.Tensor | None,
     dynamic: bool,
+    rank: int = 0,
+    a_group_size: int | None = None,
 ) -> float:
     """Mean squared output error of a quantized linear layer on sampled input rows."""
     reference = rows @ weight.t()
@@ -38,11 +41,15 @@ def layer_error(
     absmax = act_absmax
     if smooth is not None:
         x, w, absmax = rows / smooth, weight * smooth, act_absmax / smooth
+    branch = 0.0
+    if rank:
+        down, up, w = split_low_rank(w, rank)
+        branch = (x @ down) @ up
     w_q = fake_quantize(w, w_fmt)
     if a_bits is not None:
         scale = None if dynamic else torch.tensor(float(absmax.max()) / (2 ** (a_bits - 1) - 1))
-        x = fake_quantize_activations(x, a_bits, scale)
-    return float((x @ w_q.t() - reference).pow(2).mean())
+        x = fake_quantize_activations(x, a_bits, scale, a_group_size if dynamic else None)
+    return float((x @ w_q.t() + branch - reference).pow(2).mean())
 
 
 def search_alpha(
@@ -53,15 +60,20 @@ def search_alpha(
     act_absmax: torch.Tensor,
     dynamic: bool = False,
     candidates: tuple[float, ...] = ALPHA_CANDIDATES,
+    rank: int = 0,
+    a_group_size: int | None = None,
 ) -> float | None:
-    """The migration strength with the smallest output error on ``rows``; ``None`` if none beats no smoothing."""
+    """The migration strength with the smallest output error on ``rows``; ``None`` if none beats no smoothing.
+
+    With ``rank``, the error is that of the low-rank branch plus the quantized residual.
+    """
     rows, weight = rows.float(), weight.float()
     best_alpha: float | None = None
-    best = layer_error(rows, weight, w_fmt, a_bits, act_absmax, None, dynamic)
+    extra = {"rank": rank, "a_group_size": a_group_size}
+    best = layer_error(rows, weight, w_fmt, a_bits, act_absmax, None, dynamic, **extra)
     for alpha in candidates:
-        err = layer_error(
-            rows, weight, w_fmt, a_bits, act_absmax, smoothing_vector(act_absmax, weight, alpha), dynamic
-        )
+        smooth = smoothing_vector(act_absmax, weight, alpha)
+        err = layer_error(rows, weight, w_fmt, a_bits, act_absmax, smooth, dynamic, **extra)
         if err < best * 0.98:  # a clear win only: smoothing costs a vector and a division
             best, best_alpha = err, alpha
     return best_alpha
