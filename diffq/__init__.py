@@ -5,7 +5,7 @@
     >>> image = pipe("a handwritten digit 7").images[0]
 """
 
-from diffq.api import allocate, calibrate, convert, load, quantize, save, weight_bytes
+from diffq.api import allocate, calibrate, convert, load, quantize, save, sensitivity, weight_bytes
 from diffq.calibration import CalibrationStats
 from diffq.errors import (
     CheckpointError,
@@ -19,6 +19,7 @@ from diffq.formats import IntFormat
 from diffq.modules import QuantizedConv2d, QuantizedLinear
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.presets import PRESETS, Recipe, available_presets, get_preset, register_preset
+from diffq.sensitivity import Candidate, Sensitivity
 
 __version__ = "0.1.0"
 
@@ -39,7 +40,10 @@ __all__ = [
     "UnsupportedTargetError",
     "allocate",
     "available_presets",
+    "Candidate",
+    "Sensitivity",
     "calibrate",
+    "sensitivity",
     "convert",
     "get_preset",
     "load",

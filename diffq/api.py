@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_of
 from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts
 from diffq.pipelines.loading import default_checkpoint, load_pipeline, resolve_model
 from diffq.pipelines.patching import install_timestep_hook
+from diffq.pipelines.sensitivity import fingerprint, measure_sensitivity
 from diffq.pipelines.serialization import (
     attach_plan,
     load_quantized_pipeline,
@@ -26,6 +28,7 @@ from diffq.pipelines.serialization import (
 )
 from diffq.plan import QuantPlan
 from diffq.presets import build_plan, get_preset
+from diffq.sensitivity import Candidate, Sensitivity, default_candidates
 
 GENERIC = Adapter(
     name="generic",
@@ -92,22 +95,71 @@ def allocate(
     stats: CalibrationStats | None = None,
     *,
     preset: str = "w4a8",
+    budget: float | None = None,
+    sensitivity: Sensitivity | str | os.PathLike | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> QuantPlan:
     """The per-layer plan of a preset for a pipeline or denoiser.
 
     Calibrated presets read ``stats`` (from :func:`calibrate`) to choose, per layer, timestep
-    groups, smoothing and clipping; ``-rtn`` presets give every layer the same config.
-    ``overrides`` replace fields of the preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
+    groups, smoothing and clipping; ``-rtn`` presets give every layer the same config. Mixed
+    precision (``preset="mixed", budget=4.0`` or ``preset="w3.5a8"``) solves an integer program on
+    ``sensitivity`` (from :func:`sensitivity`, or its saved file) for the bits of each layer.
+    ``overrides`` replace fields of a uniform preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
     """
     bare = not _is_pipeline(target)
     model = target if bare else denoiser_of(target)
     adapter = _adapter(model, bare=bare)
     layers, kept = adapter.layers(model)
+    if sensitivity is not None and not isinstance(sensitivity, Sensitivity):
+        sensitivity = Sensitivity.load(sensitivity)
     return build_plan(
-        get_preset(preset), layers, kept, stats, adapter.concat_splits(model), progress=progress, **overrides
+        get_preset(preset), layers, kept, stats, adapter.concat_splits(model), progress=progress,
+        sensitivity=sensitivity, budget=budget, **overrides,
     )
+
+
+def sensitivity(
+    pipe: Any,
+    stats: CalibrationStats | None = None,
+    candidates: Sequence[Candidate] | None = None,
+    prompts: Sequence[str] | None = None,
+    *,
+    num_inference_steps: int = 8,
+    seed: int = 0,
+    cache: str | os.PathLike | None = "auto",
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> Sensitivity:
+    """Quantize each layer alone with each candidate and score it against full precision.
+
+    Content layers are scored by SSIM of the final images, quality layers by SQNR (dB) of the
+    denoiser output. ``cache`` is a JSON file the analysis resumes from and writes after every
+    layer (``"auto"``: under ``$DIFFQ_CACHE`` or ``~/.cache/diffq``; ``None``: no file).
+    """
+    denoiser = denoiser_of(pipe)
+    layers, _ = adapter_for(denoiser).layers(denoiser)
+    prompts = list(prompts) if prompts is not None else default_prompts(pipe)[:4]
+    candidates = list(candidates) if candidates is not None else default_candidates()
+    if stats is None:
+        stats = calibrate_pipeline(pipe, layers, prompts, num_inference_steps, progress=progress, **call_kwargs)
+    if cache == "auto":
+        key = fingerprint(pipe, list(layers), candidates, prompts, num_inference_steps, seed, call_kwargs)
+        cache = cache_dir() / "sensitivity" / f"{key}.json"
+    return measure_sensitivity(
+        pipe, layers, candidates, stats, prompts, num_inference_steps, seed, cache=cache, shard=shard,
+        progress=progress, **call_kwargs,
+    )
+
+
+_measure_sensitivity = sensitivity  # quantize() takes a `sensitivity` argument that shadows the function
+
+
+def cache_dir() -> Path:
+    """Where diffq keeps resumable analyses: ``$DIFFQ_CACHE`` or ``~/.cache/diffq``."""
+    return Path(os.environ.get("DIFFQ_CACHE", Path.home() / ".cache" / "diffq"))
 
 
 def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None, *, progress: bool = True) -> Any:
@@ -167,6 +219,8 @@ def quantize(
     num_calibration_steps: int = 8,
     activations: str | None = None,
     rank: int | None = None,
+    budget: float | None = None,
+    sensitivity: Sensitivity | str | os.PathLike | None = None,
     progress: bool = True,
     load_kwargs: Mapping[str, Any] | None = None,
     **calibration_kwargs: Any,
@@ -184,6 +238,9 @@ def quantize(
         num_calibration_steps: denoising steps per calibration prompt.
         activations: ``"dynamic"`` or ``"static"`` to override the preset's activation scales.
         rank: rank of the 16-bit low-rank branch on Linear layers (``w4a4`` uses 32; ``0`` = none).
+        budget: average weight bits for ``preset="mixed"``.
+        sensitivity: a precomputed :class:`Sensitivity` (or its file) for mixed precision;
+            otherwise it is measured (and cached, see :func:`sensitivity`).
         progress: show progress bars.
         load_kwargs: passed to ``from_pretrained`` when diffq loads the pipeline.
         calibration_kwargs: passed to the pipeline call during calibration (``height``, ...).
@@ -224,7 +281,24 @@ def quantize(
         )
     elif recipe.needs_calibration(**overrides):
         stats = _calibrate_module(denoiser, layers, list(calibration or []), progress, preset)
-    plan = build_plan(recipe, layers, kept, stats, adapter.concat_splits(denoiser), progress=progress, **overrides)
+    if recipe.is_mixed:
+        if not is_pipe:
+            raise UnsupportedTargetError("mixed precision measures images: pass a pipeline, not a bare module.")
+        if sensitivity is None:
+            prompts = (
+                list(calibration)[:4] if calibration is not None and not isinstance(calibration, CalibrationStats)
+                else default_prompts(resolved)[:4]
+            )
+            sensitivity = _measure_sensitivity(
+                resolved, stats, recipe.candidates, prompts, num_inference_steps=num_calibration_steps,
+                progress=progress, **calibration_kwargs,
+            )
+        elif not isinstance(sensitivity, Sensitivity):
+            sensitivity = Sensitivity.load(sensitivity)
+    plan = build_plan(
+        recipe, layers, kept, stats, adapter.concat_splits(denoiser), progress=progress,
+        sensitivity=sensitivity, budget=budget, **overrides,
+    )
     convert(resolved, plan, stats, progress=progress)
     return resolved
 

@@ -43,7 +43,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = diffq.load(args.model)
     fp_bytes = diffq.weight_bytes(pipe)
-    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
+    prompts = _read_prompts(args.prompts)
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
                    progress=not args.no_progress)
     seconds = time.perf_counter() - start
@@ -104,7 +104,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.plot and not args.out:
         raise diffq.QuantizationInputError("say what to write: --plot DIR and/or --out STATS.safetensors.")
     pipe = diffq.load(args.model)
-    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
+    prompts = _read_prompts(args.prompts)
     call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
     stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps or 8, progress=not args.no_progress, **call)
     if args.out:
@@ -115,6 +115,79 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"wrote {figure}")
         for name in widest_drift(stats, args.top):
             print(f"  drift x{stats.drift(name):6.2f}  {name}")
+    return 0
+
+
+def _read_prompts(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        from diffq.errors import QuantizationInputError
+
+        raise QuantizationInputError(f"{path} holds no prompts; write one prompt per line.")
+    return prompts
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """Measure sensitivities; under ``accelerate launch`` each process takes every n-th layer."""
+    import diffq
+    from diffq.distributed import gather_objects, process_state
+    from diffq.sensitivity import Candidate
+
+    state = process_state(force_cpu=args.cpu)
+    index, count, is_main = state.process_index, state.num_processes, state.is_main_process
+    pipe = diffq.load(args.model)
+    call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
+    candidates = [Candidate.parse(c) for c in args.candidates.split(",")] if args.candidates else None
+    prompts = _read_prompts(args.prompts)
+    out = Path(args.out)
+    part = out.with_name(f"{out.name}.part{index}-of-{count}") if count > 1 else out
+    result = diffq.sensitivity(
+        pipe, None, candidates, prompts, num_inference_steps=args.steps, cache=part, shard=(index, count),
+        progress=not args.no_progress and is_main, **call,
+    )
+    if count > 1:
+        parts = gather_objects([result], state)
+        if is_main:
+            merged = parts[0]
+            for other in parts[1:]:
+                merged = merged.merge(other)
+            merged.save(out)
+        state.wait_for_everyone()
+    if is_main:
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    import diffq
+    from diffq.plots import plot_bits
+
+    pipe = diffq.load(args.model)
+    call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
+    prompts = _read_prompts(args.prompts)
+    stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps, progress=not args.no_progress, **call)
+    sens = args.sensitivity or diffq.sensitivity(
+        pipe, stats, None, prompts[:4] if prompts else None, num_inference_steps=args.steps,
+        progress=not args.no_progress, **call,
+    )
+    preset = args.preset or "mixed"
+    plan = diffq.allocate(pipe, stats, preset=preset, budget=args.budget if preset == "mixed" else None,
+                          sensitivity=sens, progress=not args.no_progress)
+    print(plan.table())
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(plan.to_json())
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    if args.plot:
+        adapter = diffq.pipelines.adapter_for(diffq.pipelines.denoiser_of(pipe))
+        groups = {name: adapter.group_of(name) for name in plan.layers}
+        print(f"wrote {plot_bits(plan, args.plot, groups)}")
     return 0
 
 
@@ -189,10 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
-    for name, issue in (("allocate", "mixed precision"),):
-        p = sub.add_parser(name, help=f"{issue} (not yet available)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=not_yet(name, f"{issue} is being built"))
+    def pipeline_call_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--steps", type=int, default=8, help="denoising steps per prompt (default 8)")
+        p.add_argument("--prompts", help="prompts, one per line")
+        p.add_argument("--guidance-scale", type=float)
+        p.add_argument("--height", type=int)
+        p.add_argument("--width", type=int)
+        p.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("sensitivity", help="per-layer sensitivity (run under accelerate launch to split layers)")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    s.add_argument("--out", required=True, help="sensitivity JSON (resumed if it exists)")
+    s.add_argument("--candidates", help="comma-separated, e.g. w2a8,w4a8,w4a8r32,w8a8 (default: all)")
+    s.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU exists")
+    pipeline_call_flags(s)
+    s.set_defaults(func=cmd_sensitivity)
+
+    a = sub.add_parser("allocate", help="mixed precision: bits per layer under a budget, as a table and chart")
+    a.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    a.add_argument("--budget", type=float, default=4.0, help="average weight bits (default 4)")
+    a.add_argument("--preset", help="a mixed preset such as w3.5a8 instead of --budget (activations fixed)")
+    a.add_argument("--sensitivity", help="a sensitivity JSON from `diffq sensitivity` (else measured, cached)")
+    a.add_argument("--plot", help="folder for bits_per_layer.png")
+    a.add_argument("--out", help="write the QuantPlan JSON here")
+    pipeline_call_flags(a)
+    a.set_defaults(func=cmd_allocate)
 
     d = sub.add_parser("demo", help="the Gradio demo")
     d.add_argument("--host", default="127.0.0.1")

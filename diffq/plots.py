@@ -51,3 +51,39 @@ def plot_activation_ranges(stats: CalibrationStats, out_dir: str | os.PathLike, 
     plt.close(fig)
     os.replace(tmp, target)
     return target
+
+
+def plot_bits(plan, out_dir: str | os.PathLike, groups: dict[str, str] | None = None) -> Path:
+    """Bar chart of weight bits per layer (colour: content or quality group), with activation bits marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(plan.layers)
+    bits = [plan.layers[n].w_bits for n in names]
+    colours = ["tab:orange" if (groups or {}).get(n) == "content" else "tab:blue" for n in names]
+    fig, ax = plt.subplots(figsize=(max(8, 0.12 * len(names)), 4))
+    ax.bar(range(len(names)), bits, color=colours, width=0.85)
+    for i, name in enumerate(names):
+        config = plan.layers[name]
+        if config.a_bits == 4:
+            ax.plot(i, bits[i] + 0.25, "v", color="black", ms=3)
+        if config.rank:
+            ax.plot(i, bits[i] + 0.6, "*", color="tab:green", ms=4)
+    ax.set_ylabel("weight bits")
+    ax.set_xlabel("layer (denoiser order)")
+    ax.set_yticks([2, 3, 4, 8])
+    params = sum(1 for _ in names)
+    ax.set_title(f"{plan.preset}: bits per layer ({params} layers; orange = content, blue = quality, "
+                 "▼ = 4-bit activations, ★ = low-rank branch)", fontsize=9)
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "bits_per_layer.png"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".bits_per_layer.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, target)
+    return target

@@ -10,15 +10,19 @@ and static per-tensor activation scales from a few calibration prompts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from torch import nn
+from tqdm.auto import tqdm
 
+from diffq.allocation import LayerShape, allocate_bits
 from diffq.calibration import CalibrationStats
-from diffq.convert import resolve_config
-from diffq.errors import UnknownPresetError
+from diffq.convert import layer_columns, resolve_config
+from diffq.errors import QuantizationInputError, UnknownPresetError
 from diffq.plan import LayerConfig, QuantPlan
-from diffq.planning import CalibrationOptions, calibrated_plan
+from diffq.planning import CalibrationOptions, calibrated_plan, plan_layer
+from diffq.sensitivity import Candidate, Sensitivity, candidate_config, default_candidates
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,12 @@ class Recipe:
     layer: LayerConfig
     description: str
     calibration: CalibrationOptions | None = None
+    candidates: tuple[Candidate, ...] = ()  # mixed precision: what each layer may get
+    budget: float | None = None  # mixed precision: average weight bits
+
+    @property
+    def is_mixed(self) -> bool:
+        return bool(self.candidates)
 
     def needs_calibration(self, **overrides: object) -> bool:
         """Whether building the plan needs calibration statistics."""
@@ -45,18 +55,94 @@ def register_preset(recipe: Recipe) -> Recipe:
     return recipe
 
 
+MIXED_BUDGET = re.compile(r"w(\d+(?:\.\d+)?)a(4|8)")
+
+
+def mixed_recipe(budget: float, a_bits: tuple[int, ...] = (4, 8), name: str | None = None) -> Recipe:
+    """Mixed precision: every layer picks weight bits {2, 3, 4, 8} (± low-rank branch) and activation
+    bits among ``a_bits`` by integer programming on its sensitivity, averaging ``budget`` weight bits."""
+    label = name or f"w{budget:g}a{a_bits[0] if len(a_bits) == 1 else 'x'}"
+    return Recipe(
+        label,
+        LayerConfig(w_bits=4, w_group_size=64, a_bits=max(a_bits)),
+        f"mixed precision at {budget:g} average weight bits, activations {'/'.join(map(str, a_bits))}-bit",
+        CalibrationOptions(),
+        candidates=tuple(default_candidates(a_bits=a_bits)),
+        budget=budget,
+    )
+
+
 def get_preset(name: str) -> Recipe:
-    """The recipe called ``name``; an unknown name raises an error that lists the valid ones."""
-    try:
+    """The recipe called ``name``; an unknown name raises an error that lists the valid ones.
+
+    Besides the registered presets, ``w<bits>a<4|8>`` with bits that no uniform preset has (such as
+    ``w3.5a8`` or ``w5a8``) names mixed precision at that average weight-bit budget.
+    """
+    if isinstance(name, str) and name in PRESETS:
         return PRESETS[name]
-    except (KeyError, TypeError):
-        raise UnknownPresetError(
-            f"unknown preset {name!r}; valid presets: {', '.join(available_presets())}."
-        ) from None
+    match = MIXED_BUDGET.fullmatch(name) if isinstance(name, str) else None
+    if match:
+        return mixed_recipe(float(match[1]), (int(match[2]),), name=name)
+    raise UnknownPresetError(
+        f"unknown preset {name!r}; valid presets: {', '.join(available_presets())}, or a mixed-precision "
+        "budget such as 'w3.5a8' ('mixed' with budget=...)."
+    )
 
 
 def available_presets() -> list[str]:
     return sorted(PRESETS)
+
+
+def layer_shape(module: nn.Module) -> LayerShape:
+    return LayerShape(layer_columns(module), module.weight.shape[0], isinstance(module, nn.Linear))
+
+
+def measured_candidates(
+    sensitivity: Sensitivity, shapes: dict[str, LayerShape], allowed: tuple[Candidate, ...]
+) -> list[Candidate]:
+    """The recipe's candidates that the sensitivity analysis measured on every layer they apply to."""
+    usable = [
+        c for c in allowed
+        if all(c.label in sensitivity.scores.get(n, {}) for n, shape in shapes.items() if shape.allows(c))
+    ]
+    if not usable:
+        measured = sorted({label for scores in sensitivity.scores.values() for label in scores})
+        raise QuantizationInputError(
+            f"the sensitivity analysis measured {measured or 'nothing'} but the preset chooses among "
+            f"{[c.label for c in allowed]}; measure those candidates (diffq.sensitivity) for every layer."
+        )
+    return usable
+
+
+def mixed_plan(
+    recipe: Recipe,
+    layers: dict[str, nn.Module],
+    kept: dict[str, str],
+    stats: CalibrationStats | None,
+    sensitivity: Sensitivity | None,
+    budget: float | None,
+    splits: dict[str, int] | None = None,
+    progress: bool = True,
+) -> QuantPlan:
+    """Allocate bits by integer programming, then tune each layer's config from ``stats``."""
+    budget = budget if budget is not None else recipe.budget
+    if budget is None:
+        raise QuantizationInputError(f"preset {recipe.name!r} needs a budget, e.g. budget=4.0 average weight bits.")
+    if stats is None or sensitivity is None:
+        raise QuantizationInputError(
+            f"mixed precision needs calibration statistics and a sensitivity analysis (diffq.calibrate, "
+            f"diffq.sensitivity) for preset {recipe.name!r}."
+        )
+    shapes = {n: layer_shape(m) for n, m in layers.items()}
+    candidates = measured_candidates(sensitivity, shapes, recipe.candidates)
+    allocation = allocate_bits(sensitivity, shapes, candidates, budget)
+    options = recipe.calibration or CalibrationOptions()
+    splits = splits or {}
+    planned = {}
+    for name, module in tqdm(layers.items(), desc="diffq: planning layers", disable=not progress):
+        config = resolve_config(module, candidate_config(allocation.choice[name]))
+        planned[name] = plan_layer(name, module, config, options, stats, splits.get(name))
+    return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(kept))
 
 
 def build_plan(
@@ -66,9 +152,19 @@ def build_plan(
     stats: CalibrationStats | None = None,
     splits: dict[str, int] | None = None,
     progress: bool = True,
+    sensitivity: Sensitivity | None = None,
+    budget: float | None = None,
     **overrides: object,
 ) -> QuantPlan:
-    """The recipe's plan for these layers: uniform, or tuned per layer from ``stats``."""
+    """The recipe's plan for these layers: uniform, tuned per layer from ``stats``, or mixed."""
+    if recipe.is_mixed:
+        if overrides:
+            raise QuantizationInputError(
+                f"mixed precision chooses bits, ranks and activations per layer; drop {sorted(overrides)}."
+            )
+        return mixed_plan(recipe, layers, kept, stats, sensitivity, budget, splits, progress)
+    if budget is not None:
+        raise QuantizationInputError(f"preset {recipe.name!r} is uniform; budget= needs 'mixed' or e.g. 'w3.5a8'.")
     base = replace(recipe.layer, **overrides) if overrides else recipe.layer
     if recipe.calibration is not None:
         return calibrated_plan(recipe.name, base, recipe.calibration, layers, kept, stats, splits, progress)
@@ -104,3 +200,5 @@ register_preset(
         CalibrationOptions(),
     )
 )
+
+register_preset(mixed_recipe(4.0, (4, 8), name="mixed"))

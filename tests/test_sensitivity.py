@@ -1,0 +1,155 @@
+"""Sensitivity analysis: scores, resuming, the 2-process split, and mixed-precision presets."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import diffq
+from diffq.allocation import LayerShape
+from diffq.pipelines import adapter_for
+from diffq.pipelines import sensitivity as runner
+from diffq.pipelines.serialization import plan_of
+from diffq.pipelines.testing import (
+    TINY_PROMPTS,
+    run_tiny,
+    tiny_call_kwargs,
+    tiny_pixart_pipeline,
+    tiny_sd_pipeline,
+)
+from diffq.sensitivity import Candidate, Sensitivity, weight_bits_cost
+
+CANDIDATES = [Candidate(2, 8), Candidate(8, 8)]
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+def measure(pipe, cache=None, candidates=CANDIDATES):
+    kwargs = tiny_call_kwargs(pipe)
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:1], num_inference_steps=2, progress=False, **kwargs)
+    return diffq.sensitivity(pipe, stats, candidates, TINY_PROMPTS[:1], num_inference_steps=2, cache=cache,
+                             progress=False, **kwargs)
+
+
+def test_scores_follow_bits_and_metric_groups():
+    pipe = tiny_pixart_pipeline()
+    sens = measure(pipe)
+    adapter = adapter_for(pipe.transformer)
+    assert set(sens.groups) == set(sens.scores)
+    for name, scores in sens.scores.items():
+        assert sens.groups[name] == adapter.group_of(name)
+        if sens.groups[name] == "quality":  # SQNR in dB: more bits, less noise
+            assert scores["w8a8"] > scores["w2a8"]
+        else:  # SSIM in [-1, 1]
+            assert -1 <= scores["w2a8"] <= scores["w8a8"] + 1e-6 <= 1 + 1e-6
+    assert {"content", "quality"} == set(sens.groups.values())
+
+
+def test_interrupted_analysis_resumes(tmp_path, monkeypatch):
+    cache = tmp_path / "sens.json"
+    full = measure(tiny_pixart_pipeline(), cache)
+    data = json.loads(cache.read_text())
+    dropped = sorted(data["scores"])[:3]
+    for name in dropped:
+        del data["scores"][name]
+    cache.write_text(json.dumps(data))  # as if the run stopped after the other layers
+
+    probes = []
+    real_sqnr, real_ssim = runner._Reference.sqnr, runner._Reference.ssim
+    monkeypatch.setattr(runner._Reference, "sqnr", lambda self, d: probes.append(1) or real_sqnr(self, d))
+    monkeypatch.setattr(runner._Reference, "ssim", lambda self: probes.append(1) or real_ssim(self))
+    resumed = measure(tiny_pixart_pipeline(), cache)
+    assert len(probes) == len(dropped) * len(CANDIDATES)
+    assert resumed.scores == full.scores
+    assert Sensitivity.load(cache).scores == full.scores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_run_matches_one_process(sd_folder, tmp_path):
+    flags = ["--candidates", "w2a8,w8a8", "--steps", "2", "--height", "32", "--width", "32", "--no-progress"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(TINY_PROMPTS[0] + "\n")
+    flags += ["--prompts", str(prompts)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "diffq.cli", "sensitivity", str(sd_folder),
+                          "--out", str(tmp_path / "one.json"), *flags], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(_free_port()), "-m", "diffq.cli", "sensitivity",
+                          str(sd_folder), "--out", str(tmp_path / "two.json"), *flags],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = Sensitivity.load(tmp_path / "one.json"), Sensitivity.load(tmp_path / "two.json")
+    assert a.fingerprint == b.fingerprint and a.groups == b.groups
+    assert a.scores == b.scores  # the same numbers, every layer measured by one of the two processes
+    assert (tmp_path / "two.json.part0-of-2").exists() and (tmp_path / "two.json.part1-of-2").exists()
+
+
+def test_mixed_preset_stays_within_budget_and_beats_uniform_at_equal_bits(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    kwargs = tiny_call_kwargs(pipe)
+    reference = run_tiny(pipe, steps=2)
+    diffq.quantize(pipe, "w3.5a8", calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False,
+                   sensitivity=None, **kwargs)
+    plan = plan_of(pipe.transformer)
+    assert plan.preset == "w3.5a8"
+    layers = dict(pipe.transformer.named_modules())
+    bits = sum(weight_bits_cost(Candidate(c.w_bits, c.a_bits, c.rank),
+                                layers[n].in_features, layers[n].out_features) for n, c in plan.layers.items())
+    params = sum(layers[n].in_features * layers[n].out_features for n in plan.layers)
+    assert bits / params <= 3.5 + 1e-9
+    assert {c.a_bits for c in plan.layers.values()} == {8}
+    mixed = 10 * np.log10(1 / np.mean((run_tiny(pipe, steps=2) - reference) ** 2))
+
+    uniform = tiny_pixart_pipeline()
+    diffq.quantize(uniform, "w4a8", calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False, **kwargs)
+    assert mixed > 10 * np.log10(1 / np.mean((run_tiny(uniform, steps=2) - reference) ** 2))
+
+
+def test_mixed_needs_a_budget_and_rejects_overrides():
+    pipe = tiny_pixart_pipeline()
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:1], num_inference_steps=2, progress=False, **tiny_call_kwargs(pipe))
+    with pytest.raises(diffq.DiffQError, match="sensitivity"):
+        diffq.allocate(pipe, stats, preset="mixed")
+    with pytest.raises(diffq.DiffQError, match="uniform"):
+        diffq.allocate(pipe, stats, preset="w4a8", budget=3.0)
+
+
+def test_allocate_cli_uses_the_measured_candidates(sd_folder, tmp_path, capsys):
+    from diffq.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    sens_path = tmp_path / "s.json"
+    common = ["--steps", "2", "--height", "32", "--width", "32", "--prompts", str(prompts), "--no-progress"]
+    assert main(["sensitivity", str(sd_folder), "--out", str(sens_path), "--candidates", "w2a8,w8a8", *common]) == 0
+    code = main(["allocate", str(sd_folder), "--budget", "5", "--sensitivity", str(sens_path),
+                 "--plot", str(tmp_path / "plot"), "--out", str(tmp_path / "plan.json"), *common])
+    assert code == 0
+    plan = diffq.QuantPlan.from_json((tmp_path / "plan.json").read_text())
+    assert {c.w_bits for c in plan.layers.values()} == {2, 8}  # only what was measured
+    assert "conv_in" in capsys.readouterr().out  # the table lists kept layers too
+    assert (tmp_path / "plot" / "bits_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["allocate", str(sd_folder), "--budget", "1", "--sensitivity", str(sens_path), *common]) == 1
+    assert "smallest feasible budget" in capsys.readouterr().err
+
+
+def test_layer_shape_of_conv_disallows_low_rank():
+    shape = LayerShape(288, 32, linear=False)
+    assert not shape.allows(Candidate(4, 8, 32)) and shape.allows(Candidate(4, 8))
