@@ -17,9 +17,12 @@ from diffq.errors import (
 )
 from diffq.formats import IntFormat
 from diffq.modules import QuantizedConv2d, QuantizedLinear
+from diffq.pipelines.backend import register as _register_diffusers_backend
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.presets import PRESETS, Recipe, available_presets, get_preset, register_preset
 from diffq.sensitivity import Candidate, Sensitivity
+
+_register_diffusers_backend()  # plain diffusers `from_pretrained` now loads diffq checkpoints
 
 __version__ = "0.1.0"
 

@@ -13,9 +13,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import ActivationObserver, CalibrationStats
-from diffq.convert import convert_model
+from diffq.convert import convert_model, resolve_config
 from diffq.errors import QuantizationInputError, UnsupportedTargetError
-from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_of
+from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_name, denoiser_of
 from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts
 from diffq.pipelines.loading import default_checkpoint, load_pipeline, resolve_model
 from diffq.pipelines.patching import install_timestep_hook
@@ -26,8 +26,8 @@ from diffq.pipelines.serialization import (
     quantized_component,
     save_quantized,
 )
-from diffq.plan import QuantPlan
-from diffq.presets import build_plan, get_preset
+from diffq.plan import LayerConfig, QuantPlan
+from diffq.presets import Recipe, build_plan, get_preset
 from diffq.sensitivity import Candidate, Sensitivity, default_candidates
 
 GENERIC = Adapter(
@@ -221,6 +221,7 @@ def quantize(
     rank: int | None = None,
     budget: float | None = None,
     sensitivity: Sensitivity | str | os.PathLike | None = None,
+    components: Sequence[str] | None = None,
     progress: bool = True,
     load_kwargs: Mapping[str, Any] | None = None,
     **calibration_kwargs: Any,
@@ -241,6 +242,9 @@ def quantize(
         budget: average weight bits for ``preset="mixed"``.
         sensitivity: a precomputed :class:`Sensitivity` (or its file) for mixed precision;
             otherwise it is measured (and cached, see :func:`sensitivity`).
+        components: pipeline components to quantize (default: the denoiser). Others, such as
+            ``"text_encoder"`` or ``"text_encoder_2"`` (T5 in Flux/SD3/PixArt), are quantized
+            weight-only with the preset's weight bits.
         progress: show progress bars.
         load_kwargs: passed to ``from_pretrained`` when diffq loads the pipeline.
         calibration_kwargs: passed to the pipeline call during calibration (``height``, ...).
@@ -267,6 +271,7 @@ def quantize(
         raise QuantizationInputError(
             "this model is already quantized by diffq; load the float model again to quantize it differently."
         )
+    extra_components = _extra_components(resolved, components, is_pipe)  # validate before any work
     adapter = _adapter(denoiser, bare=not is_pipe)
     layers, kept = adapter.layers(denoiser)
     if not layers:
@@ -300,7 +305,41 @@ def quantize(
         sensitivity=sensitivity, budget=budget, **overrides,
     )
     convert(resolved, plan, stats, progress=progress)
+    for name in extra_components:
+        quantize_weights_only(getattr(resolved, name), recipe, progress=progress)
     return resolved
+
+
+def _extra_components(pipe: Any, components: Sequence[str] | None, is_pipe: bool) -> list[str]:
+    """The non-denoiser components to quantize, validated against the pipeline."""
+    if components is None:
+        return []
+    if not is_pipe:
+        raise QuantizationInputError("components= selects parts of a pipeline; drop it for a bare module.")
+    available = {n for n, c in pipe.components.items() if isinstance(c, nn.Module)}
+    unknown = [c for c in components if c not in available]
+    if unknown:
+        raise QuantizationInputError(
+            f"{type(pipe).__name__} has no quantizable component {unknown}; its model components are {sorted(available)}."
+        )
+    denoiser = denoiser_name(pipe)
+    if denoiser not in components:
+        raise QuantizationInputError(f"components must include the denoiser {denoiser!r}; got {list(components)}.")
+    return [c for c in components if c != denoiser]
+
+
+def quantize_weights_only(module: nn.Module, recipe: Recipe, progress: bool = True) -> nn.Module:
+    """Quantize every Linear layer of a module (e.g. a text encoder) weight-only, with MSE-clipped ranges."""
+    base = LayerConfig(w_bits=recipe.layer.w_bits, w_group_size=recipe.layer.w_group_size, a_bits=None,
+                       w_clip="mse")
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    if not layers:
+        raise UnsupportedTargetError(f"{type(module).__name__} has no Linear layer to quantize.")
+    plan = QuantPlan(preset=f"{recipe.name} weight-only",
+                     layers={n: resolve_config(m, base) for n, m in layers.items()})
+    convert_model(module, plan, None, progress=progress)
+    attach_plan(module, plan)
+    return module
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -103,6 +103,22 @@ class _QuantizedWeightMixin(nn.Module):
             "act_bits": self.config.a_bits,
         }
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight this layer computes with, materialized on access (nothing is stored).
+
+        For libraries that read ``module.weight`` (its dtype, device or shape — T5 does in every
+        forward, LoRA loaders do); it includes the low-rank branch and undoes smoothing.
+        """
+        weight = self.dequantize_weight()
+        down, up = getattr(self, "lowrank_down", None), getattr(self, "lowrank_up", None)
+        if down is not None and up is not None:
+            weight = weight + (down.float() @ up.float()).t()
+        smooth = getattr(self, "smooth", None)
+        if smooth is not None:
+            weight = weight / smooth.float()
+        return weight.reshape(self.weight_shape).to(self.weight_scale.dtype)
+
     def dequantize_weight(self) -> torch.Tensor:
         """The float weight these codes represent, ``[rows, cols]`` float32 (for inspection)."""
         return kernels.reference.dequantize_weight(
@@ -185,6 +201,10 @@ class QuantizedLinear(_QuantizedWeightMixin):
             module.bos_input.copy_(bos_input)
             module.bos_output.copy_(linear(module.bos_input.unsqueeze(0)).squeeze(0).detach())
         return module
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.current_act_scale()

@@ -36,7 +36,7 @@ def test_quantized_linear_tracks_float(config, bound):
 def test_storage_is_packed_integers_not_floats():
     linear = nn.Linear(128, 32)
     q = QuantizedLinear.from_float(linear, LayerConfig(4, 64, True, 8, "dynamic"))
-    assert not hasattr(q, "weight")
+    assert "weight" not in dict(q.named_parameters()) and "weight" not in q.state_dict()
     assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (32, 64)  # two 4-bit codes per byte
     assert q.weight_scale.shape == (32, 2)
     assert set(dict(q.named_buffers())) == {"qweight", "weight_scale"}
@@ -48,6 +48,20 @@ def test_dequantized_weight_matches_the_stored_codes():
     linear = nn.Linear(64, 16)
     q = QuantizedLinear.from_float(linear, LayerConfig(8, None, True, None))
     assert torch.allclose(q.dequantize_weight(), linear.weight, atol=float(linear.weight.abs().max()) / 127)
+
+
+def test_weight_view_is_the_effective_float_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 32)
+    smooth = torch.rand(128) + 0.5
+    config = LayerConfig(4, 64, True, None, smooth_alpha=0.5, rank=8)
+    q = QuantizedLinear.from_float(linear, config, smooth=smooth)
+    assert q.weight.shape == linear.weight.shape and q.weight.dtype == linear.weight.dtype
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        assert torch.allclose(q(x), torch.nn.functional.linear(x, q.weight, q.bias), atol=1e-4)
+    conv = QuantizedConv2d.from_float(nn.Conv2d(8, 16, 3), LayerConfig(8, None, True, None))
+    assert conv.weight.shape == (16, 8, 3, 3)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
