@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from diffq.calibration import ActivationObserver, CalibrationStats
 from diffq.convert import convert_model, resolve_config
 from diffq.errors import QuantizationInputError, UnsupportedTargetError
+from diffq.modules import QUANTIZED_MODULES
 from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_name, denoiser_of
 from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts
 from diffq.pipelines.loading import default_checkpoint, load_pipeline, resolve_model
@@ -332,9 +333,11 @@ def quantize_weights_only(module: nn.Module, recipe: Recipe, progress: bool = Tr
     """Quantize every Linear layer of a module (e.g. a text encoder) weight-only, with MSE-clipped ranges."""
     base = LayerConfig(w_bits=recipe.layer.w_bits, w_group_size=recipe.layer.w_group_size, a_bits=None,
                        w_clip="mse")
-    layers = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    layers = {
+        n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QUANTIZED_MODULES)
+    }
     if not layers:
-        raise UnsupportedTargetError(f"{type(module).__name__} has no Linear layer to quantize.")
+        raise UnsupportedTargetError(f"{type(module).__name__} has no float Linear layer to quantize.")
     plan = QuantPlan(preset=f"{recipe.name} weight-only",
                      layers={n: resolve_config(m, base) for n, m in layers.items()})
     convert_model(module, plan, None, progress=progress)

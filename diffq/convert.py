@@ -19,6 +19,11 @@ from diffq.ranges import search_activation_clip, search_weight_clip
 from diffq.smoothing import smoothing_vector
 
 
+def _check_float(layer: nn.Module, name: str = "this layer") -> None:
+    if isinstance(layer, (QuantizedLinear, QuantizedConv2d)):
+        raise QuantizationInputError(f"{name} is already quantized; load the float model to quantize it again.")
+
+
 def layer_columns(module: nn.Module) -> int:
     """Length of a weight row: in_features, or in_channels/groups × kernel area."""
     if isinstance(module, nn.Linear):
@@ -48,6 +53,7 @@ def resolve_config(module: nn.Module, config: LayerConfig) -> LayerConfig:
 
 def quantize_layer(module: nn.Module, config: LayerConfig) -> QuantizedLinear | QuantizedConv2d:
     """The quantized twin of one Linear or Conv2d layer."""
+    _check_float(module)
     if isinstance(module, nn.Linear):
         return QuantizedLinear.from_float(module, config)
     if isinstance(module, nn.Conv2d):
@@ -104,6 +110,7 @@ def convert_model(
     """
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
         layer = model.get_submodule(name)
+        _check_float(layer, repr(name))
         needs_stats = config.static_activations or config.smooth_alpha is not None or config.bos
         if needs_stats and stats is None:
             raise QuantizationInputError(

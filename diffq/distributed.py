@@ -27,3 +27,12 @@ def gather_objects(items: list[Any], state: Any) -> list[Any]:
     from accelerate.utils import gather_object
 
     return gather_object(items)
+
+
+def broadcast_object(obj: Any, state: Any) -> Any:
+    """The main process's ``obj`` on every process."""
+    if state.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj])[0]

@@ -131,8 +131,12 @@ class _QuantizedWeightMixin(nn.Module):
         )
 
 
-class QuantizedLinear(_QuantizedWeightMixin):
-    """``nn.Linear`` with packed integer weights and quantized activations."""
+class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
+    """``nn.Linear`` with packed integer weights and quantized activations.
+
+    It subclasses ``nn.Linear`` (without its float ``weight`` parameter) so that libraries which
+    wrap linear layers, such as PEFT for LoRA adapters, accept it; ``weight`` is a read-only view.
+    """
 
     def __init__(
         self,
@@ -143,7 +147,7 @@ class QuantizedLinear(_QuantizedWeightMixin):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: there is no float weight to allocate
         self.in_features, self.out_features = in_features, out_features
         self._init_buffers(out_features, in_features, config, dtype, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -240,8 +244,9 @@ class QuantizedLinear(_QuantizedWeightMixin):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.label}, {self.config}"
 
 
-class QuantizedConv2d(_QuantizedWeightMixin):
-    """``nn.Conv2d`` with packed integer weights and quantized activations."""
+class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
+    """``nn.Conv2d`` with packed integer weights and quantized activations (an ``nn.Conv2d`` to
+    libraries that wrap convolutions, without its float ``weight`` parameter)."""
 
     def __init__(
         self,
@@ -257,8 +262,9 @@ class QuantizedConv2d(_QuantizedWeightMixin):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Conv2d.__init__: there is no float weight to allocate
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.padding_mode = "zeros"
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), padding, tuple(dilation), groups
         if not isinstance(padding, str):

@@ -75,7 +75,44 @@ def register() -> None:
         return
     _register_diffusers()
     _register_transformers()
+    _let_flux_lora_loader_skip_expansion()
     _REGISTERED = True
+
+
+def _let_flux_lora_loader_skip_expansion() -> None:
+    """Flux's LoRA loader reads each target's float ``weight`` from ``state_dict()`` to see whether a
+    Flux-Control LoRA needs wider inputs; diffq layers store no float weight. On a diffq-quantized
+    transformer, check the shapes against the modules instead (expanding packed weights is not
+    possible, so such a LoRA is a clear error) and pass the LoRA through unchanged."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    from diffq.errors import QuantizationInputError
+    from diffq.pipelines.serialization import plan_of
+
+    original = FluxLoraLoaderMixin.__dict__["_maybe_expand_lora_state_dict"].__func__
+    if getattr(original, "_diffq_shim", False):
+        return
+
+    def expand(cls: type, transformer: Any, lora_state_dict: dict) -> dict:
+        if plan_of(transformer) is None:
+            return original(cls, transformer, lora_state_dict)
+        prefix = f"{cls.transformer_name}."
+        modules = dict(transformer.named_modules())
+        for key, tensor in lora_state_dict.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            name = key[: -len(".lora_A.weight")].removeprefix(prefix)
+            module = modules.get(name)
+            module = getattr(module, "base_layer", module)
+            if module is not None and getattr(module, "in_features", tensor.shape[1]) != tensor.shape[1]:
+                raise QuantizationInputError(
+                    f"this LoRA changes the input width of {name!r} (a Flux-Control LoRA); diffq cannot widen "
+                    "quantized layers. Load it into the float pipeline before quantizing instead."
+                )
+        return lora_state_dict
+
+    expand._diffq_shim = True
+    FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(expand)
 
 
 def _register_transformers() -> None:
