@@ -1,12 +1,17 @@
 """Kernels for quantized layers, and the one dispatch point that picks them per device.
 
-``quantized_linear`` and ``quantized_conv2d`` are what quantized modules call. On CUDA they
-will run fused Triton kernels once those are registered; everywhere else they run the
-pure-torch reference in :mod:`diffq.kernels.reference`, which computes the same function.
+``quantized_linear`` and ``quantized_conv2d`` are what quantized modules call. On CUDA (with
+Triton installed) ``quantized_linear`` runs the fused Triton kernels of
+:mod:`diffq.kernels.triton_ops`; everything else runs the pure-torch reference in
+:mod:`diffq.kernels.reference`, which computes the same function. Set ``DIFFQ_NO_TRITON=1``
+to keep CUDA on the reference too.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -48,3 +53,26 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, *args: Any, **kwarg
 def quantized_conv2d(x: torch.Tensor, qweight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Conv2d with packed integer weights; see :func:`reference.quantized_conv2d`."""
     return backend_for("quantized_conv2d", x.device)(x, qweight, *args, **kwargs)
+
+
+def _triton_quantized_linear(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """First CUDA call imports Triton; if it cannot, CUDA falls back to the reference for good."""
+    try:
+        from diffq.kernels.triton_ops import quantized_linear_triton
+    except ImportError as exc:
+        warnings.warn(f"Triton kernels unavailable ({exc}); CUDA runs the reference kernels.", stacklevel=2)
+        _KERNELS["quantized_linear"].pop("cuda", None)
+        return reference.quantized_linear(*args, **kwargs)
+    register_kernel("quantized_linear", "cuda", quantized_linear_triton)
+    return quantized_linear_triton(*args, **kwargs)
+
+
+def _register_cuda_kernels() -> None:
+    """Serve CUDA tensors with Triton when it is installed and a GPU exists (Triton loads lazily)."""
+    if os.environ.get("DIFFQ_NO_TRITON") == "1" or importlib.util.find_spec("triton") is None:
+        return
+    if torch.cuda.is_available():
+        register_kernel("quantized_linear", "cuda", _triton_quantized_linear)
+
+
+_register_cuda_kernels()

@@ -1,0 +1,641 @@
+"""Triton kernels for quantized linear layers; :func:`reference.quantized_linear` defines them.
+
+Three kernels, picked per call by :func:`quantized_linear_triton`:
+
+* ``_act_kernel`` — the activation pass: ``x / smooth``, symmetric quantization to int8 values
+  (any width 2..8 bits) with a dynamic scale per token or per token group, or a static scale,
+  and the low-rank down-projection ``(x / smooth) @ L1`` in the same loop over ``x``.
+  With static or per-group scales each element of ``x`` is read once; a dynamic per-token scale
+  needs the row's absolute maximum before any value can be rounded, so that case reads the
+  row tile a second time (``BLOCK_M x K`` elements, which the first pass leaves in L2).
+* ``_int_gemm_kernel`` — W4A8 / W4A4 / W8A8: packed codes are unpacked to int8 in registers,
+  ``int8 x int8 -> int32`` ``tl.dot``; with group-wise weight (or activation) scales each
+  K tile's exact integer partial sum is multiplied by its group scales in the K loop, otherwise
+  the int32 sum is scaled once. The epilogue applies token x weight scales, adds the low-rank
+  up-projection ``(x L1) @ L2`` and the bias.
+* ``_weight_only_kernel`` — W4A16 / W8A16: codes are unpacked in registers to their integer
+  values ``code - offset - zero`` in the activation dtype (exact: ``|v| <= 255``), a float
+  ``tl.dot`` (fp32 accumulate) per K tile, the group scale multiplies each tile's partial sum.
+
+Numerics versus the float32 reference: integer products and sums are exact; the low-rank
+branch rounds ``x / smooth`` to ``L1``'s dtype and ``x L1`` to ``L2``'s dtype (16-bit tensor
+cores, fp32 accumulate); the weight-only kernel rounds ``x / smooth`` back to ``x``'s dtype
+when ``smooth`` is given. Divisions use IEEE round-to-nearest (``tl.div_rn``) and rounding is
+half-to-even, so quantized activations and their scales equal the reference's bit for bit.
+
+What runs on Triton (:func:`unsupported_reason` says why anything else runs the reference):
+CUDA tensors (CPU tensors only under the interpreter); ``x`` in float16/bfloat16/float32;
+4- or 8-bit weights with the stored code offset ``0`` or ``2**(bits - 1)``, symmetric or with
+uint8 zero points; scales ``[out or 1, blocks]`` in a float dtype; activations of 2..8 bits
+(static scalar scale, or dynamic per token, or per token group of a power of two in 32..1024),
+or none (weight-only); ``in_features <= 32768`` with quantized activations; where weight or
+activation scales are group-wise, the columns over which both are constant (their gcd) must
+be divisible by 32 (16 for weight-only); low-rank factors of rank <= 256 in a float dtype.
+Everything else -- 2- and 3-bit weights, 16-bit "activation bits", odd groups, other dtypes
+(e.g. float64) -- runs :func:`reference.quantized_linear` for that call.
+
+Under ``TRITON_INTERPRET=1`` (tests on CPU) every float ``tl.dot`` casts its operands to
+float32 after the 16-bit rounding above, so the interpreter computes the same numbers;
+the int8 ``tl.dot`` with an int32 accumulator runs as is (numpy integer matmul, exact).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from diffq.kernels import reference
+from diffq.kernels.packing import packed_cols
+
+__all__ = [
+    "quantized_linear_triton",
+    "unsupported_reason",
+    "act_quant_lowrank",
+    "int_gemm",
+    "weight_only_gemm",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_RANK = 256
+_MAX_INT_K = 32768  # keeps every int32 partial sum (|q| <= 128, |w| <= 255) below 2**31
+
+
+# --------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _fdot(a, b, acc, FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc + a @ b`` in float32; fp32 operands use IEEE products (no TF32)."""
+    if INTERPRET:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _round_half_even(v):
+    """``torch.round`` for ``|v| < 2**22`` (larger values are clamped by every caller)."""
+    r = tl.floor(v + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize_store(q_ptr, xs, scale, offs_m, offs_k, mask, stride_qm, QMAX: tl.constexpr):
+    """Store ``clamp(round(xs / scale))`` as int8 (``scale`` broadcasts against ``xs``)."""
+    v = _round_half_even(tl.div_rn(xs, scale))
+    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _dynamic_scale(amax, QMAX: tl.constexpr):
+    """``amax / qmax`` (1 where ``amax == 0``), correctly rounded like the reference."""
+    return tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+
+
+@triton.jit
+def _load_smoothed(x_ptr, smooth_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
+    """A float32 ``[BLOCK_M, BLOCK_K]`` tile of ``x / smooth`` (zeros outside) and its mask."""
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        sm = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0).to(tl.float32)
+        xs = tl.div_rn(xs, sm[None, :])
+    return xs, mask
+
+
+@triton.jit
+def _load_codes(qw_ptr, offs_n, k0, N, K, stride_wn, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Unsigned codes of weight rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``, as ``[BLOCK_K, BLOCK_N]``."""
+    if W_BITS == 4:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = (offs_n[:, None] < N) & (kb[None, :] < (K + 1) // 2)
+        packed = tl.load(qw_ptr + offs_n[:, None] * stride_wn + kb[None, :], mask=mask, other=0)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))  # low nibble first
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        codes = tl.load(qw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+    return tl.trans(codes)
+
+
+@triton.jit
+def _load_row_vector(ptr, offs_n, g, N, stride_n, stride_g):
+    """``ptr[n, g]`` for the tile's output channels, as float32 (0 outside)."""
+    return tl.load(ptr + offs_n * stride_n + g * stride_g, mask=offs_n < N, other=0).to(tl.float32)
+
+
+@triton.jit
+def _code_correction(wz_ptr, offs_n, g, N, OFFSET, stride_zn, stride_zg, HAS_ZERO: tl.constexpr,
+                     CENTER: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``CENTER - offset - zero[n, g]``: what turns centered codes into weight values."""
+    c = tl.full([BLOCK_N], CENTER, tl.int32) - OFFSET
+    if HAS_ZERO:
+        c -= tl.load(wz_ptr + offs_n * stride_zn + g * stride_zg, mask=offs_n < N, other=0).to(tl.int32)
+    return c
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) ordering of output tiles."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue_store(acc, offs_m, offs_n, M, N, R, t_ptr, l2_ptr, bias_ptr, y_ptr,
+                    stride_tm, stride_l2r, stride_l2n, stride_ym,
+                    HAS_LORA: tl.constexpr, L2_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    R_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc + (x L1) @ L2 + bias``, stored in ``y``'s dtype."""
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=t_mask, other=0.0)
+        u_mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
+        u = tl.load(l2_ptr + offs_r[:, None] * stride_l2r + offs_n[None, :] * stride_l2n, mask=u_mask, other=0.0)
+        acc = _fdot(t.to(u.dtype), u, acc, L2_FP32, INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _act_kernel(
+    x_ptr, smooth_ptr, l1_ptr, static_ptr, q_ptr, s_ptr, t_ptr,
+    M, K, R, stride_xm, stride_l1k, stride_l1r, stride_qm, stride_sm, stride_tm,
+    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, L1_FP32: tl.constexpr, QUANT: tl.constexpr,
+    STATIC: tl.constexpr, A_GROUPED: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Smooth + quantize ``x`` to int8 values with scales, and ``t = (x / smooth) @ L1``."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    t = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xs, mask = _load_smoothed(x_ptr, smooth_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH)
+        if HAS_LORA:
+            l1_mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
+            l1 = tl.load(l1_ptr + offs_k[:, None] * stride_l1k + offs_r[None, :] * stride_l1r, mask=l1_mask, other=0.0)
+            t = _fdot(xs.to(l1.dtype), l1, t, L1_FP32, INTERPRET)
+        if QUANT:
+            if STATIC:
+                _quantize_store(q_ptr, xs, tl.load(static_ptr).to(tl.float32), offs_m, offs_k, mask, stride_qm, QMAX)
+            elif A_GROUPED:  # BLOCK_K is the activation group
+                s = _dynamic_scale(tl.max(tl.abs(xs), axis=1), QMAX)
+                tl.store(s_ptr + offs_m * stride_sm + k0 // BLOCK_K, s, mask=offs_m < M)
+                _quantize_store(q_ptr, xs, s[:, None], offs_m, offs_k, mask, stride_qm, QMAX)
+            else:
+                amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
+    if HAS_LORA:
+        t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=t_mask)
+    if QUANT and not STATIC and not A_GROUPED:  # dynamic per token: second pass over the row tile
+        s = _dynamic_scale(amax, QMAX)
+        tl.store(s_ptr + offs_m * stride_sm, s, mask=offs_m < M)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xs, mask = _load_smoothed(x_ptr, smooth_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH)
+            _quantize_store(q_ptr, xs, s[:, None], offs_m, offs_k, mask, stride_qm, QMAX)
+
+
+@triton.jit
+def _int_gemm_kernel(
+    q_ptr, xs_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
+    M, N, K, R, OFFSET, W_GROUP, A_GROUP,
+    stride_qm, stride_xsm, stride_xsg, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
+    stride_tm, stride_l2r, stride_l2n, stride_ym,
+    W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_CORR: tl.constexpr,
+    W_GROUPED: tl.constexpr, A_GROUPED: tl.constexpr, HAS_LORA: tl.constexpr, L2_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``y = s_x s_w (q_x @ w^T) + t @ L2 + bias`` with int8 activations and packed 4/8-bit weights."""
+    CENTER: tl.constexpr = 8 if W_BITS == 4 else 128
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    rsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        a = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], mask=a_mask, other=0)
+        codes = _load_codes(qw_ptr, offs_n, k0, N, K, stride_wn, W_BITS, BLOCK_N, BLOCK_K)
+        if W_BITS == 4:
+            b = codes.to(tl.int8) - CENTER
+        else:
+            b = (codes ^ 0x80).to(tl.int8, bitcast=True)  # code - 128
+        if W_GROUPED or A_GROUPED:  # BLOCK_K divides both groups: scale this tile's exact sum
+            p = tl.dot(a, b, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32))
+            if HAS_CORR:
+                c = _code_correction(wz_ptr, offs_n, k0 // W_GROUP, N, OFFSET, stride_wzn, stride_wzg,
+                                     HAS_ZERO, CENTER, BLOCK_N)
+                p += tl.sum(a.to(tl.int32), axis=1)[:, None] * c[None, :]
+            pf = p.to(tl.float32)
+            if W_GROUPED:
+                pf *= _load_row_vector(ws_ptr, offs_n, k0 // W_GROUP, N, stride_wsn, stride_wsg)[None, :]
+            if A_GROUPED:
+                pf *= _load_row_vector(xs_ptr, offs_m, k0 // A_GROUP, M, stride_xsm, stride_xsg)[:, None]
+            acc += pf
+        else:
+            acc_i = tl.dot(a, b, acc_i)
+            if HAS_CORR:
+                rsum += tl.sum(a.to(tl.int32), axis=1)
+    if not (W_GROUPED or A_GROUPED):
+        if HAS_CORR:
+            c = _code_correction(wz_ptr, offs_n, 0, N, OFFSET, stride_wzn, stride_wzg, HAS_ZERO, CENTER, BLOCK_N)
+            acc_i += rsum[:, None] * c[None, :]
+        acc = acc_i.to(tl.float32)
+    if not W_GROUPED:
+        acc *= _load_row_vector(ws_ptr, offs_n, 0, N, stride_wsn, stride_wsg)[None, :]
+    if not A_GROUPED:
+        acc *= _load_row_vector(xs_ptr, offs_m, 0, M, stride_xsm, stride_xsg)[:, None]
+    _epilogue_store(acc, offs_m, offs_n, M, N, R, t_ptr, l2_ptr, bias_ptr, y_ptr, stride_tm, stride_l2r,
+                    stride_l2n, stride_ym, HAS_LORA, L2_FP32, HAS_BIAS, R_PAD, INTERPRET)
+
+
+@triton.jit
+def _weight_only_kernel(
+    x_ptr, smooth_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
+    M, N, K, R, OFFSET, W_GROUP,
+    stride_xm, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
+    stride_tm, stride_l2r, stride_l2n, stride_ym,
+    W_BITS: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZERO: tl.constexpr, W_GROUPED: tl.constexpr,
+    X_FP32: tl.constexpr, HAS_LORA: tl.constexpr, L2_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``y = (x / smooth) @ (s_w v)^T + t @ L2 + bias`` with float activations, packed weights."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=a_mask, other=0.0)
+        if HAS_SMOOTH:
+            sm = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0).to(tl.float32)
+            a = tl.div_rn(a.to(tl.float32), sm[None, :]).to(x_ptr.dtype.element_ty)
+        g = k0 // W_GROUP
+        v = _load_codes(qw_ptr, offs_n, k0, N, K, stride_wn, W_BITS, BLOCK_N, BLOCK_K).to(tl.int32) - OFFSET
+        if HAS_ZERO:
+            v -= tl.load(wz_ptr + offs_n * stride_wzn + g * stride_wzg, mask=offs_n < N, other=0).to(tl.int32)[None, :]
+        if INTERPRET:  # the interpreter cannot convert int32 to bfloat16 directly
+            v = v.to(tl.float32)
+        b = v.to(a.dtype)  # integers |v| <= 255: exact in fp16, bf16 and fp32
+        if W_GROUPED:
+            p = _fdot(a, b, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), X_FP32, INTERPRET)
+            acc += p * _load_row_vector(ws_ptr, offs_n, g, N, stride_wsn, stride_wsg)[None, :]
+        else:
+            acc = _fdot(a, b, acc, X_FP32, INTERPRET)
+    if not W_GROUPED:
+        acc *= _load_row_vector(ws_ptr, offs_n, 0, N, stride_wsn, stride_wsg)[None, :]
+    _epilogue_store(acc, offs_m, offs_n, M, N, R, t_ptr, l2_ptr, bias_ptr, y_ptr, stride_tm, stride_l2r,
+                    stride_l2n, stride_ym, HAS_LORA, L2_FP32, HAS_BIAS, R_PAD, INTERPRET)
+
+
+# --------------------------------------------------------------------------- launch configuration
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options of one GEMM launch."""
+
+    m: int
+    n: int
+    k: int
+    warps: int = 4
+    stages: int = 3
+    group_m: int = 8
+
+
+def _pow2_divisor(n: int) -> int:
+    """The largest power of two dividing ``n``."""
+    return n & -n
+
+
+def _gemm_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool = False) -> Blocks:
+    """Tiles for a GEMM whose K tiles must not straddle a scale segment of ``seg`` columns.
+
+    GPU sizes are starting points chosen without a GPU to tune on (no autotuning yet).
+    """
+    k_cap = 64 if INTERPRET or not int_path else 128
+    if fp32 and not INTERPRET:  # IEEE fp32 products run on FMA units: small tiles, little shared memory
+        k_cap = 32
+    block_k = k_cap if seg == K else min(k_cap, _pow2_divisor(seg))
+    if INTERPRET:
+        return Blocks(32, 64, block_k, stages=1)
+    if fp32:
+        return Blocks(64, 64, block_k, warps=4, stages=2)
+    block_m = 128 if M > 64 else max(16, triton.next_power_of_2(M))
+    warps = 8 if block_m == 128 else 4
+    return Blocks(block_m, 128, block_k, warps=warps, stages=4 if block_k <= 64 else 3)
+
+
+def _act_blocks(K: int, a_group: int | None) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_K)`` of the activation kernel (``BLOCK_K`` is the group when grouped)."""
+    if a_group is not None:
+        return 16, a_group
+    return 16, 64 if INTERPRET else 256
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def _activation_group(K: int, act_bits: int | None, act_scale: torch.Tensor | None,
+                      act_group_size: int | None) -> int | None:
+    """The activation group size the reference uses (``None``: one scale per token or static)."""
+    if act_bits is None or act_scale is not None or act_group_size is None:
+        return None
+    return act_group_size if K % act_group_size == 0 and act_group_size < K else None
+
+
+def _segment(K: int, w_group: int | None, a_group: int | None) -> int:
+    """Columns over which both the weight and the activation scale are constant."""
+    return math.gcd(w_group or K, a_group or K)
+
+
+def unsupported_reason(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    act_bits: int | None = None,
+    act_scale: torch.Tensor | None = None,
+    act_group_size: int | None = None,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+) -> str | None:
+    """Why this call goes to the reference instead of Triton (``None``: Triton runs it)."""
+    K = in_features
+    if x.device.type != "cuda" and not INTERPRET:
+        return f"tensors on {x.device.type}, Triton runs on CUDA"
+    if x.dtype not in _FLOATS:
+        return f"activations in {x.dtype}"
+    if x.numel() == 0 or x.shape[-1] != K:
+        return "empty input or feature count mismatch"
+    if w_bits not in (4, 8):
+        return f"{w_bits}-bit weights (Triton handles 4 and 8)"
+    if w_code_offset not in (0, 2 ** (w_bits - 1)):
+        return f"code offset {w_code_offset}"
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != packed_cols(K, w_bits):
+        return "qweight is not packed uint8 [out, packed in]"
+    N = qweight.shape[0]
+    if w_scale.dim() != 2 or w_scale.shape[0] not in (1, N) or K % w_scale.shape[1] != 0:
+        return "weight scales are not [out or 1, blocks dividing in_features]"
+    if w_scale.dtype not in _FLOATS:
+        return f"weight scales in {w_scale.dtype}"
+    if w_zero is not None and (w_zero.shape != w_scale.shape or w_zero.dtype != torch.uint8):
+        return "zero points are not uint8 shaped like the scales"
+    if act_bits is not None and not 2 <= act_bits <= 8:
+        return f"{act_bits}-bit activations (int8 storage holds 2..8 bits)"
+    if act_bits is not None and K > _MAX_INT_K:
+        return f"in_features {K} > {_MAX_INT_K} could overflow the int32 accumulator"
+    if act_scale is not None and act_bits is not None and act_scale.numel() != 1:
+        return "static activation scale is not a scalar"
+    a_group = _activation_group(K, act_bits, act_scale, act_group_size)
+    if a_group is not None and (a_group < 32 or a_group & (a_group - 1) or a_group > 1024):
+        return f"activation group {a_group} (Triton needs a power of two in 32..1024)"
+    w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
+    seg = _segment(K, w_group, a_group)
+    min_tile = 16 if act_bits is None else 32  # int8 tensor-core instructions take K = 32
+    if seg != K and _pow2_divisor(seg) < min_tile:
+        return f"scale groups of {seg} columns (Triton needs K tiles of at least {min_tile})"
+    if lora_down is not None and lora_up is not None:
+        if lora_down.dtype not in _FLOATS or lora_up.dtype not in _FLOATS:
+            return "low-rank factors are not float16/bfloat16/float32"
+        if lora_down.shape[0] != K or lora_up.shape != (lora_down.shape[1], N) or lora_down.shape[1] > _MAX_RANK:
+            return f"low-rank factors are not [in, r] and [r, out] with r <= {_MAX_RANK}"
+    return None
+
+
+def quantized_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    act_bits: int | None = None,
+    act_scale: torch.Tensor | None = None,
+    act_group_size: int | None = None,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`reference.quantized_linear` on Triton kernels; unsupported calls run the reference."""
+    kwargs = dict(w_bits=w_bits, w_code_offset=w_code_offset, in_features=in_features, bias=bias,
+                  act_bits=act_bits, act_scale=act_scale, act_group_size=act_group_size, smooth=smooth,
+                  lora_down=lora_down, lora_up=lora_up)
+    if unsupported_reason(x, qweight, w_scale, w_zero, **kwargs) is not None:
+        return reference.quantized_linear(x, qweight, w_scale, w_zero, **kwargs)
+    shape = x.shape
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if lora_down is None or lora_up is None or lora_down.shape[1] == 0:
+        lora_down = lora_up = None
+    # The kernels index these along their last dimension with stride 1 (no-ops for module buffers).
+    qweight = qweight.contiguous()
+    smooth = None if smooth is None else smooth.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    a_group = _activation_group(in_features, act_bits, act_scale, act_group_size)
+    weights = (qweight, w_scale, w_zero, w_bits, w_code_offset)
+    if act_bits is None:
+        t = None if lora_down is None else act_quant_lowrank(x2, None, smooth=smooth, lora_down=lora_down)[2]
+        y = weight_only_gemm(x2, *weights, smooth=smooth, t=t, lora_up=lora_up, bias=bias)
+    else:
+        q, s, t = act_quant_lowrank(x2, act_bits, act_scale=act_scale, group_size=a_group, smooth=smooth,
+                                    lora_down=lora_down)
+        y = int_gemm(q, s, *weights, a_group=a_group, t=t, lora_up=lora_up, bias=bias, out_dtype=x.dtype)
+    return y.reshape(*shape[:-1], qweight.shape[0])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _rank_pad(rank: int) -> int:
+    """The rank padded to a ``tl.dot`` dimension (a power of two, at least 16)."""
+    return max(16, triton.next_power_of_2(max(rank, 1)))
+
+
+def _scale_strides(t: torch.Tensor | None) -> tuple[int, int]:
+    """Strides of a ``[rows or 1, blocks]`` tensor, with a stride of 0 over a single row."""
+    if t is None:
+        return 0, 0
+    return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1)
+
+
+def act_quant_lowrank(
+    x2: torch.Tensor,
+    act_bits: int | None,
+    *,
+    act_scale: torch.Tensor | None = None,
+    group_size: int | None = None,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One activation pass over ``x2 [M, K]``: ``(q int8, scales fp32, (x / smooth) @ L1 fp32)``.
+
+    ``q`` and the scales are ``None`` when ``act_bits`` is ``None``; the scales are ``[M, K //
+    group_size]`` (dynamic), or ``act_scale`` as a 1-element float32 tensor (static); the
+    low-rank product is ``None`` without ``lora_down``. ``group_size`` is taken as given (see
+    :func:`_activation_group` for the reference's rule).
+    """
+    M, K = x2.shape
+    dev = x2.device
+    quant = act_bits is not None
+    static = quant and act_scale is not None
+    q = torch.empty((M, K), dtype=torch.int8, device=dev) if quant else None
+    if static:
+        s = act_scale.reshape(1).to(device=dev, dtype=torch.float32)
+    elif quant:
+        s = torch.empty((M, K // group_size if group_size else 1), dtype=torch.float32, device=dev)
+    else:
+        s = None
+    r = 0 if lora_down is None else lora_down.shape[1]
+    t = torch.empty((M, r), dtype=torch.float32, device=dev) if r else None
+    if not quant and not r:
+        return None, None, None
+    block_m, block_k = _act_blocks(K, group_size if quant and not static else None)
+    dummy = x2
+    _act_kernel[(triton.cdiv(M, block_m),)](
+        x2, dummy if smooth is None else smooth, dummy if lora_down is None else lora_down,
+        s if static else dummy, dummy if q is None else q, s if quant and not static else dummy,
+        dummy if t is None else t,
+        M, K, r, x2.stride(0), lora_down.stride(0) if r else 0, lora_down.stride(1) if r else 0,
+        K, s.stride(0) if quant and not static else 0, r,
+        HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0,
+        L1_FP32=r > 0 and lora_down.dtype == torch.float32, QUANT=quant, STATIC=static,
+        A_GROUPED=quant and not static and group_size is not None,
+        QMAX=2 ** (act_bits - 1) - 1 if quant else 1,
+        BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=_rank_pad(r), INTERPRET=INTERPRET,
+        num_warps=4,
+    )
+    return q, s, t
+
+
+def _epilogue_args(t: torch.Tensor | None, lora_up: torch.Tensor | None, bias: torch.Tensor | None,
+                   dummy: torch.Tensor) -> tuple[list, dict]:
+    """Pointer/stride arguments and constexprs shared by both GEMMs' epilogues."""
+    has_lora = t is not None and lora_up is not None
+    ptrs = [t if has_lora else dummy, lora_up if has_lora else dummy, dummy if bias is None else bias]
+    strides = [t.stride(0) if has_lora else 0, lora_up.stride(0) if has_lora else 0,
+               lora_up.stride(1) if has_lora else 0]
+    flags = dict(HAS_LORA=has_lora, L2_FP32=has_lora and lora_up.dtype == torch.float32,
+                 HAS_BIAS=bias is not None, R_PAD=_rank_pad(t.shape[1] if has_lora else 0))
+    return [ptrs, strides], flags
+
+
+def int_gemm(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    w_bits: int,
+    w_code_offset: int,
+    *,
+    a_group: int | None = None,
+    t: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    blocks: Blocks | None = None,
+) -> torch.Tensor:
+    """``(q * s) @ W^T + t @ lora_up + bias`` with int8 ``q [M, K]`` and packed 4/8-bit ``W``.
+
+    ``s`` is ``[M, K // a_group]`` (``a_group=None``: ``[M, 1]``) or a 1-element static scale.
+    """
+    M, K = q.shape
+    N = qweight.shape[0]
+    w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
+    blocks = blocks or _gemm_blocks(M, K, _segment(K, w_group, a_group), int_path=True)
+    y = torch.empty((M, N), dtype=out_dtype, device=q.device)
+    s_strides = (0, 0) if s.dim() == 1 else (s.stride(0), s.stride(1))  # 1-D: a static scale
+    (ptrs, lstrides), flags = _epilogue_args(t, lora_up, bias, y)
+    grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
+    _int_gemm_kernel[grid](
+        q, s, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
+        M, N, K, 0 if t is None else t.shape[1], w_code_offset, w_group or K, a_group or K,
+        q.stride(0), *s_strides, qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero),
+        *lstrides, y.stride(0),
+        W_BITS=w_bits, HAS_ZERO=w_zero is not None,
+        HAS_CORR=w_zero is not None or w_code_offset != 2 ** (w_bits - 1),
+        W_GROUPED=w_group is not None, A_GROUPED=a_group is not None, **flags,
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m, INTERPRET=INTERPRET,
+        num_warps=blocks.warps, num_stages=blocks.stages,
+    )
+    return y
+
+
+def weight_only_gemm(
+    x2: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    w_bits: int,
+    w_code_offset: int,
+    *,
+    smooth: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    blocks: Blocks | None = None,
+) -> torch.Tensor:
+    """``(x2 / smooth) @ W^T + t @ lora_up + bias`` with float ``x2 [M, K]`` and packed ``W``."""
+    M, K = x2.shape
+    N = qweight.shape[0]
+    w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
+    blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=x2.dtype == torch.float32)
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    (ptrs, lstrides), flags = _epilogue_args(t, lora_up, bias, y)
+    grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
+    _weight_only_kernel[grid](
+        x2, y if smooth is None else smooth, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
+        M, N, K, 0 if t is None else t.shape[1], w_code_offset, w_group or K,
+        x2.stride(0), qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero),
+        *lstrides, y.stride(0),
+        W_BITS=w_bits, HAS_SMOOTH=smooth is not None, HAS_ZERO=w_zero is not None,
+        W_GROUPED=w_group is not None, X_FP32=x2.dtype == torch.float32, **flags,
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m, INTERPRET=INTERPRET,
+        num_warps=blocks.warps, num_stages=blocks.stages,
+    )
+    return y

@@ -1,0 +1,293 @@
+"""Triton kernels against the reference function, run on CPU by the Triton interpreter.
+
+The reference (:func:`diffq.kernels.reference.quantized_linear`) defines what every kernel
+computes. Here it is recomputed in float64, with one exception: the quantized activations and
+their scales are taken from the float32 reference, because its float32 rounding decisions are
+part of the definition (the kernels reproduce them bit for bit, which is tested separately).
+
+Error bounds (``tolerance`` below), per output element, with ``E`` the float64 value:
+
+* integer products and sums are exact (int32 accumulator, or integer-valued fp16/bf16/fp32
+  operands with a float32 accumulator); what is left is float32 rounding in converting partial
+  sums, multiplying scales and adding tiles, bias and the low-rank branch: at most
+  ``gamma * (|q s| @ |W|^T + (|x| @ |L1|) @ |L2| + |bias|)`` with ``gamma = (K + r + 8) * 2**-24``
+  (the standard worst-case bound ``n u`` for ``n`` float32 operations on each path);
+* the low-rank branch rounds ``x / smooth`` to ``L1``'s dtype and ``x L1`` to ``L2``'s dtype for
+  16-bit tensor cores: at most ``2 u_lr (|x| @ |L1|) @ |L2|`` (``u_lr``: that dtype's unit
+  roundoff, 2**-11 fp16, 2**-8 bf16 (2**-7 in the interpreter, which truncates), 0 for
+  float32 operands);
+* the weight-only kernel with ``smooth`` rounds ``x / smooth`` back to ``x``'s dtype: at most
+  ``u_x |x / smooth| @ |W|^T``;
+* the result is rounded to ``x``'s dtype (as the reference does): ``u_out |E|`` more.
+"""
+
+import os
+
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels module is imported
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from diffq import kernels  # noqa: E402
+from diffq.kernels import pack, reference, unpack  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed, so the Triton kernels cannot be tested")
+triton_ops = pytest.importorskip(
+    "diffq.kernels.triton_ops", reason="the Triton kernels module does not import (triton too old or broken)"
+)
+if not triton_ops.INTERPRET:  # pragma: no cover - imported by an earlier module without the flag
+    pytest.skip("diffq.kernels.triton_ops was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+
+
+def _restore_interpret_flag() -> None:
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+
+# The interpreted kernels are bound to ``triton_ops`` above. Outside this module the session is
+# left as it was: kernels defined later (torch.compile on a GPU) compile normally, and the CUDA
+# dispatch imports its own, compiled copy of the module. Triton still reads the flag while an
+# interpreted kernel runs (lazy imports), so the fixture below sets it for this module's tests.
+sys.modules.pop("diffq.kernels.triton_ops")
+_restore_interpret_flag()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_flag():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret_flag()
+
+# Relative error of rounding float32 to each dtype. bfloat16 is 2**-7, not 2**-8: the Triton 3.8
+# interpreter converts float32 to bfloat16 by truncating the mantissa (``cast_impl``), which
+# errs by up to one bf16 ulp; on a GPU the conversion rounds to nearest.
+UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-24}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One quantized linear layer and input."""
+
+    name: str
+    lead: tuple[int, ...]  # leading dims of x (M tokens in all)
+    n: int
+    k: int
+    w_bits: int
+    w_group: int | None  # None: per channel
+    asym: bool
+    act_bits: int | None
+    act_group: int | None = None
+    static: bool = False
+    rank: int = 0
+    bias: bool = False
+    smooth: bool = False
+    dtype: torch.dtype = torch.float16
+
+
+CASES = [
+    Case("w4a8-g64-dyn-r16-bias-smooth", (37,), 72, 192, 4, 64, False, 8, rank=16, bias=True, smooth=True),
+    Case("w4a8-ch-static-r0-fp32", (37,), 72, 128, 4, None, False, 8, static=True, dtype=torch.float32),
+    Case("w4a4-g64-actg64-r16-bias-bf16", (37,), 72, 192, 4, 64, False, 4, act_group=64, rank=16, bias=True,
+         dtype=torch.bfloat16),
+    Case("w4a4-ch-dyn-bias-3d", (3, 13), 72, 128, 4, None, False, 4, bias=True),
+    Case("w4a8-g64-asym-dyn", (37,), 72, 192, 4, 64, True, 8, smooth=True),
+    Case("w8a8-g64-asym-dyn-r16-fp32", (37,), 72, 192, 8, 64, True, 8, rank=16, dtype=torch.float32),
+    Case("w8a8-ch-static-r16-bias-bf16", (37,), 72, 128, 8, None, False, 8, static=True, rank=16, bias=True,
+         dtype=torch.bfloat16),
+    Case("w4a16-g64-r16-bias-smooth", (37,), 72, 192, 4, 64, False, None, rank=16, bias=True, smooth=True),
+    Case("w4a16-ch-asym-bf16", (37,), 72, 128, 4, None, True, None, dtype=torch.bfloat16),
+    Case("w8a16-ch-r16-fp32", (37,), 72, 128, 8, None, False, None, rank=16, dtype=torch.float32),
+]
+
+
+def make_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """Random codes, scales, zero points, factors and input for ``case``."""
+    blocks = 1 if case.w_group is None else case.k // case.w_group
+    codes = torch.randint(0, 2**case.w_bits, (case.n, case.k), dtype=torch.uint8)
+    w_scale = ((torch.rand(case.n, blocks) + 0.5) * 0.02).to(case.dtype)
+    w_zero = torch.randint(0, 2**case.w_bits, (case.n, blocks), dtype=torch.uint8) if case.asym else None
+    x = torch.randn(*case.lead, case.k).to(case.dtype)
+    kwargs = dict(
+        w_bits=case.w_bits,
+        w_code_offset=0 if case.asym else 2 ** (case.w_bits - 1),
+        in_features=case.k,
+        act_bits=case.act_bits,
+        act_group_size=case.act_group,
+        bias=torch.randn(case.n).to(case.dtype) if case.bias else None,
+        smooth=(torch.rand(case.k) + 0.5).to(case.dtype) if case.smooth else None,
+    )
+    if case.static:  # clips the largest activations, so the clamp is exercised
+        kwargs["act_scale"] = torch.tensor(0.7 * 3.0 / (2 ** (case.act_bits - 1) - 1))
+    if case.rank:
+        kwargs["lora_down"] = (torch.randn(case.k, case.rank) / case.k**0.5).to(case.dtype)
+        kwargs["lora_up"] = (torch.randn(case.rank, case.n) / case.rank**0.5).to(case.dtype)
+    return x, pack(codes, case.w_bits), w_scale, w_zero, kwargs
+
+
+def dequantize64(qweight, w_scale, w_zero, *, bits: int, cols: int, code_offset: int) -> torch.Tensor:
+    """Float64 ``(code - offset - zero) * scale``, ``[rows, cols]``."""
+    v = unpack(qweight, bits, cols).double() - code_offset
+    rows, blocks = v.shape[0], w_scale.shape[1]
+    v = v.reshape(rows, blocks, cols // blocks)
+    if w_zero is not None:
+        v = v - w_zero.double().unsqueeze(-1)
+    return (v * w_scale.double().unsqueeze(-1)).reshape(rows, cols)
+
+
+def expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference function in float64, and the error bound of the module docstring."""
+    K = kw["in_features"]
+    x2 = x.reshape(-1, K)
+    smooth = kw.get("smooth")
+    xs64 = x2.double() if smooth is None else x2.double() / smooth.double()
+    w64 = dequantize64(qweight, w_scale, w_zero, bits=kw["w_bits"], cols=K, code_offset=kw["w_code_offset"])
+    u_out = UNIT[x.dtype]
+    if kw["act_bits"] is None:
+        a64 = xs64
+        u_act = u_out if smooth is not None else 0.0
+    else:  # activation codes and scales as the float32 reference defines them
+        xs32 = x2.float() if smooth is None else x2.float() / smooth.float()
+        q, s = reference.quantize_activations(xs32, kw["act_bits"], kw.get("act_scale"), kw["act_group_size"])
+        a64 = q.double() * s.double()
+        u_act = 0.0
+    main = a64 @ w64.t()
+    mag = a64.abs() @ w64.abs().t()
+    err = u_act * mag
+    y, rank = main, 0
+    down, up = kw.get("lora_down"), kw.get("lora_up")
+    if down is not None:
+        rank = down.shape[1]
+        y = y + (xs64 @ down.double()) @ up.double()
+        mag_lr = (xs64.abs() @ down.double().abs()) @ up.double().abs()
+        u_lr = 0.0 if down.dtype == torch.float32 else UNIT[down.dtype]
+        err = err + 2 * u_lr * mag_lr
+        mag = mag + mag_lr
+    if kw.get("bias") is not None:
+        y = y + kw["bias"].double()
+        mag = mag + kw["bias"].double().abs()
+    gamma = (K + rank + 8) * 2.0**-24
+    err = err + gamma * mag
+    return y, u_out * y.abs() + (1 + u_out) * err
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_quantized_linear_matches_float64_reference(case):
+    x, qweight, w_scale, w_zero, kw = make_inputs(case)
+    assert triton_ops.unsupported_reason(x, qweight, w_scale, w_zero, **kw) is None
+    y = triton_ops.quantized_linear_triton(x, qweight, w_scale, w_zero, **kw)
+    assert y.shape == (*case.lead, case.n) and y.dtype == x.dtype
+    expected, tol = expected_and_tolerance(x, qweight, w_scale, w_zero, kw)
+    err = (y.reshape(-1, case.n).double() - expected).abs()
+    worst = float((err / tol).max())
+    assert worst <= 1.0, f"error exceeds the bound by a factor {worst:.3g}"
+
+
+@pytest.mark.parametrize(
+    "bits, group, static, rank, smooth, dtype",
+    [
+        (8, None, False, 16, True, torch.float16),  # dynamic per token: two passes over the row tile
+        (4, 64, False, 0, False, torch.float32),  # dynamic per token group
+        (8, None, True, 16, True, torch.bfloat16),  # static scale
+        (None, None, False, 16, True, torch.float16),  # weight-only layers: low-rank only
+    ],
+)
+def test_activation_kernel_is_bit_exact(bits, group, static, rank, smooth, dtype):
+    M, K = 37, 192
+    x = torch.randn(M, K).to(dtype)
+    sm = (torch.rand(K) + 0.5).to(dtype) if smooth else None
+    scale = torch.tensor(0.02) if static else None
+    down = (torch.randn(K, rank) / K**0.5).to(dtype) if rank else None
+    q, s, t = triton_ops.act_quant_lowrank(x, bits, act_scale=scale, group_size=group, smooth=sm, lora_down=down)
+    xs32 = x.float() if sm is None else x.float() / sm.float()
+    if bits is None:
+        assert q is None and s is None
+    else:  # same fp32 divisions, round half to even and clamp as the reference: identical codes
+        q_ref, s_ref = reference.quantize_activations(xs32, bits, scale, group)
+        assert torch.equal(q.float(), q_ref)
+        if not static:
+            assert torch.equal(s.repeat_interleave(K // s.shape[1], dim=1), s_ref.expand(M, K))
+    if rank:  # x / smooth rounded to L1's dtype, float32 accumulation
+        xs64 = x.double() if sm is None else x.double() / sm.double()
+        mag = xs64.abs() @ down.double().abs()
+        tol = (UNIT[dtype] + (K + 8) * 2.0**-24) * mag
+        assert ((t.double() - xs64 @ down.double()).abs() <= tol).all()
+    else:
+        assert t is None
+
+
+def test_activation_rounding_ties_to_even_and_clamps():
+    ties = torch.arange(-8, 8, dtype=torch.float32) + 0.5  # every .5 tie, both signs
+    x = torch.cat([ties, torch.tensor([300.0, -300.0, 127.49, -128.51]), torch.zeros(44)]).reshape(1, 64)
+    x = x.expand(16, 64).contiguous()
+    q, _, _ = triton_ops.act_quant_lowrank(x, 8, act_scale=torch.tensor(1.0))
+    assert torch.equal(q.float(), torch.round(x).clamp(-128, 127))
+
+
+@pytest.mark.parametrize("w_bits, asym", [(4, False), (8, True)])
+def test_integer_gemm_is_exact(w_bits, asym):
+    """Unit scales and integer activations: the output is the exact integer matrix product."""
+    M, N, K = 20, 40, 256
+    x = torch.randint(-128, 128, (M, K)).float()
+    codes = torch.randint(0, 2**w_bits, (N, K), dtype=torch.uint8)
+    zero = torch.randint(0, 2**w_bits, (N, 4), dtype=torch.uint8) if asym else None
+    offset = 0 if asym else 2 ** (w_bits - 1)
+    kw = dict(w_bits=w_bits, w_code_offset=offset, in_features=K, act_bits=8, act_scale=torch.tensor(1.0))
+    y = triton_ops.quantized_linear_triton(x, pack(codes, w_bits), torch.ones(N, 4), zero, **kw)
+    w = codes.long() - offset - (0 if zero is None else zero.long().repeat_interleave(K // 4, dim=1))
+    assert torch.equal(y.long(), x.long() @ w.t())  # |y| < 2**24: exact in float32
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(w_bits=2), "2-bit weights"),
+        (dict(w_bits=3), "3-bit weights"),
+        (dict(act_group_size=24), "activation group 24"),
+        (dict(act_bits=16), "16-bit activations"),
+    ],
+)
+def test_unsupported_combinations_run_the_reference(change, reason):
+    K, N = 96, 24
+    bits = change.get("w_bits", 4)
+    codes = torch.randint(0, 2**bits, (N, K), dtype=torch.uint8)
+    qweight, w_scale = pack(codes, bits), torch.rand(N, 1) + 0.5
+    kw = dict(w_bits=bits, w_code_offset=2 ** (bits - 1), in_features=K, act_bits=8, act_group_size=None)
+    kw.update(change)
+    x = torch.randn(5, K)
+    assert reason in (triton_ops.unsupported_reason(x, qweight, w_scale, None, **kw) or "")
+    y = triton_ops.quantized_linear_triton(x, qweight, w_scale, None, **kw)
+    assert torch.equal(y, reference.quantized_linear(x, qweight, w_scale, None, **kw))
+
+
+def test_cpu_tensors_outside_the_interpreter_run_the_reference(monkeypatch):
+    monkeypatch.setattr(triton_ops, "INTERPRET", False)
+    x, qweight, w_scale, w_zero, kw = make_inputs(CASES[0])
+    assert "cpu" in triton_ops.unsupported_reason(x, qweight, w_scale, w_zero, **kw)
+
+
+def test_dispatch_registers_triton_for_cuda_only(monkeypatch):
+    monkeypatch.setattr(kernels, "_KERNELS", {"quantized_linear": {}, "quantized_conv2d": {}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kernels._register_cuda_kernels()
+    assert kernels._KERNELS["quantized_linear"] == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kernels._register_cuda_kernels()
+    assert set(kernels._KERNELS["quantized_linear"]) == {"cuda"}
+    assert kernels.backend_for("quantized_linear", torch.device("cpu")) is reference.quantized_linear
+
+
+def test_import_diffq_does_not_import_the_triton_kernels():
+    code = "import sys, diffq; sys.exit(1 if 'diffq.kernels.triton_ops' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
+
+
+def test_the_dispatch_would_import_a_compiled_copy():
+    assert "diffq.kernels.triton_ops" not in sys.modules
