@@ -160,7 +160,40 @@ MMDIT = Adapter(
     "to_add_out, ff_context) and feed-forward layers are content layers.",
 )
 
-ADAPTERS: list[Adapter] = [UNET, PIXART, DIT, MMDIT]
+SANA = Adapter(
+    name="sana",
+    denoiser_classes=("SanaTransformer2DModel",),
+    keep_full_precision={
+        **_keep(
+            first=("patch_embed.proj",),
+            last=("proj_out",),
+            embeddings=("time_embed.*", "caption_projection.*"),
+        ),
+        "*ff.conv_depth": "depthwise 3x3 convolution (9 weights per channel, no matrix multiply to speed up)",
+    },
+    content_patterns=("*attn2.*", "*.ff.*"),
+    bos_patterns=("*attn2.to_k", "*attn2.to_v"),
+    notes="Sana (linear-attention DiT with Mix-FFN): patch embedding, proj_out, the adaLN-single time "
+    "embedding (with its guidance embedder in Sana-Sprint) and the caption projection stay 16-bit, and so "
+    "does the depthwise convolution of each Mix-FFN; cross-attention and the Mix-FFN's pointwise convolutions "
+    "are content layers, and attn2 key/value projections compute Gemma's BOS token in full precision.",
+)
+
+WAN = Adapter(
+    name="wan",
+    denoiser_classes=("WanTransformer3DModel",),
+    keep_full_precision={
+        "condition_embedder.time_proj": "temporal modulation (reads the timestep embedding)",
+        **_keep(first=("patch_embedding",), last=("proj_out",), embeddings=("condition_embedder.*",)),
+    },
+    content_patterns=("*attn2.*", "*.ffn.*"),
+    bos_patterns=("*attn2.to_k", "*attn2.to_v"),
+    notes="Wan video transformers: the 3D patch embedding (a Conv3d, never quantized), proj_out and the "
+    "condition embedder (time embedding, the time projection that feeds every block's modulation, the "
+    "text and image embedders) stay 16-bit; cross-attention and feed-forward (ffn) are content layers.",
+)
+
+ADAPTERS: list[Adapter] = [UNET, PIXART, DIT, MMDIT, SANA, WAN]
 
 
 def register_adapter(adapter: Adapter) -> None:

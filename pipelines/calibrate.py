@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 
 from diffq.calibration import ActivationObserver, CalibrationStats
 from diffq.context import set_cfg_split
-from diffq.errors import QuantizationInputError
+from diffq.errors import QuantizationInputError, UnsupportedTargetError
 from diffq.pipelines.adapters import adapter_for, denoiser_of
 from diffq.pipelines.patching import install_timestep_hook
 
@@ -23,9 +24,43 @@ DEFAULT_PROMPTS = (
 )
 
 
+def conditioning(pipe: Any, items: Sequence[str | int]) -> dict[str, Any]:
+    """Pipeline-call arguments for a batch of conditions: ``prompt=`` for text-to-image pipelines,
+    ``class_labels=`` (label names or ids) for class-conditional ones such as ``DiTPipeline``."""
+    params = inspect.signature(pipe.__call__).parameters
+    if "prompt" in params:
+        if not all(isinstance(p, str) and p.strip() for p in items):
+            raise QuantizationInputError("calibration prompts must be non-empty strings.")
+        return {"prompt": list(items)}
+    if "class_labels" in params:
+        labels = []
+        for item in items:
+            if isinstance(item, int):
+                labels.append(item)
+                continue
+            try:
+                labels.extend(pipe.get_label_ids([item]))
+            except (ValueError, KeyError, AttributeError):
+                known = ", ".join(list(getattr(pipe, "labels", {}))[:5])
+                raise QuantizationInputError(
+                    f"{type(pipe).__name__} is class-conditional and has no label {item!r}; pass label names "
+                    f"(e.g. {known}) or integer class ids."
+                ) from None
+        return {"class_labels": labels}
+    raise UnsupportedTargetError(
+        f"{type(pipe).__name__} takes neither prompts nor class labels; diffq cannot drive it for calibration. "
+        "Quantize its denoiser as a bare module with calibration=[{...forward kwargs...}]."
+    )
+
+
 def default_prompts(pipe: Any) -> list[str]:
-    """Calibration prompts: a bundled model's own prompts, otherwise a small generic set."""
+    """Calibration prompts: a bundled model's own prompts, a class-conditional model's first labels,
+    otherwise a small generic set."""
     from diffq.pipelines.loading import bundled_models
+
+    labels = getattr(pipe, "labels", None)
+    if "prompt" not in inspect.signature(pipe.__call__).parameters and labels:
+        return list(labels)[:4]
 
     source = str(getattr(pipe, "name_or_path", "") or getattr(getattr(pipe, "config", None), "_name_or_path", ""))
     if source and source in {str(folder) for folder in bundled_models().values()}:
@@ -60,8 +95,9 @@ def calibrate_pipeline(
     Statistics are kept per classifier-free-guidance half when the pipeline uses guidance, and
     cross-attention key/value inputs leave their BOS token out when the tokenizer adds one.
     """
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise QuantizationInputError("calibration prompts must be a non-empty list of non-empty strings.")
+    if isinstance(prompts, str) or not prompts:
+        raise QuantizationInputError("calibration prompts must be a non-empty list (of prompts or class labels).")
+    conditioning(pipe, prompts)  # validates before any work
     if num_inference_steps < 1:
         raise QuantizationInputError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
     denoiser = denoiser_of(pipe)
@@ -72,31 +108,36 @@ def calibrate_pipeline(
     observer = ActivationObserver(layers, sample_rows=sample_rows, bos_layers=bos_layers, seed=seed)
 
     def flag_guidance(_module: nn.Module, _args: tuple) -> None:
-        set_cfg_split(bool(getattr(pipe, "do_classifier_free_guidance", False)))
+        # DiT-style pipelines always double the batch for guidance above 1 and have no flag for it.
+        guided = getattr(pipe, "do_classifier_free_guidance", None)
+        if guided is None:
+            guided = call_kwargs.get("guidance_scale", 4.0) > 1 and "class_labels" in conditioning(pipe, prompts[:1])
+        set_cfg_split(bool(guided))
 
-    guidance_hook = denoiser.register_forward_pre_hook(flag_guidance)
+    bar = tqdm(total=len(prompts) * num_inference_steps, desc="diffq: calibrating", disable=not progress)
+    hooks = [
+        denoiser.register_forward_pre_hook(flag_guidance),
+        denoiser.register_forward_hook(lambda *_: bar.update(1)),  # one denoiser call per step
+    ]
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=len(prompts) * num_inference_steps, desc="diffq: calibrating", disable=not progress)
-
-    def on_step_end(_pipe: Any, _step: int, _t: Any, kwargs: dict) -> dict:
-        bar.update(1)
-        return kwargs
-
+    latent = "output_type" in inspect.signature(pipe.__call__).parameters and "prompt" in conditioning(
+        pipe, prompts[:1]
+    )
     try:
         with observer.observe() as stats, torch.no_grad():
             for i, prompt in enumerate(prompts):
                 generator = torch.Generator(device="cpu").manual_seed(seed + i)
                 pipe(
-                    prompt=prompt,
+                    **conditioning(pipe, [prompt]),
                     num_inference_steps=num_inference_steps,
                     generator=generator,
-                    output_type="latent",
-                    callback_on_step_end=on_step_end,
+                    **({"output_type": "latent"} if latent else {}),
                     **call_kwargs,
                 )
     finally:
-        guidance_hook.remove()
+        for hook in hooks:
+            hook.remove()
         set_cfg_split(False)
         bar.close()
         pipe._progress_bar_config = saved_bar

@@ -29,6 +29,7 @@ from diffq.calibration import CalibrationStats
 from diffq.convert import convert_model, resolve_config
 from diffq.errors import QuantizationInputError
 from diffq.pipelines.adapters import adapter_for, denoiser_of
+from diffq.pipelines.calibrate import conditioning
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.plan import QuantPlan
 from diffq.planning import CalibrationOptions, plan_layer
@@ -95,9 +96,10 @@ class _Reference:
     @torch.no_grad()
     def generate(self) -> torch.Tensor:
         generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))]
-        out = self.pipe(prompt=self.prompts, num_inference_steps=self.steps, generator=generators,
-                        output_type="pt", **self.call_kwargs)
-        return out.images.float().clamp(0, 1)
+        out = self.pipe(**conditioning(self.pipe, self.prompts), num_inference_steps=self.steps,
+                        generator=generators, output_type="pt", **self.call_kwargs)
+        images = out.images if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images)
+        return images.float().clamp(0, 1)
 
     @torch.no_grad()
     def sqnr(self, denoiser: nn.Module) -> float:
