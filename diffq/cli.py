@@ -198,7 +198,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not app.exists():
         print("diffq demo: app.py is not installed with this copy of diffq; run it from a source checkout.")
         return 2
-    sys.argv = [str(app), "--host", args.host, "--port", str(args.port)] + (["--share"] if args.share else [])
+    sys.argv = [str(app), "--host", args.host, "--port", str(args.port), "--model", args.model]
+    sys.argv += (["--share"] if args.share else []) + (["--threads", str(args.threads)] if args.threads else [])
     runpy.run_path(str(app), run_name="__main__")
     return 0
 
@@ -291,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the Gradio demo")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=7860)
-    d.add_argument("--share", action="store_true")
+    d.add_argument("--share", action="store_true", help="a public Gradio link (off by default)")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="model pre-filled in the page")
+    d.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     d.set_defaults(func=cmd_demo)
     return parser
 
