@@ -9,6 +9,21 @@ from pathlib import Path
 from diffq.calibration import NO_TIMESTEP, CalibrationStats
 
 
+def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
+    """Write ``fig`` to ``out_dir/name`` atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=Path(name).suffix)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out / name)
+    return out / name
+
+
 def widest_drift(stats: CalibrationStats, top: int = 6) -> list[str]:
     """The ``top`` layers whose activation range moves most across denoising steps."""
     return sorted(stats.layers, key=stats.drift, reverse=True)[:top]
@@ -41,16 +56,7 @@ def plot_activation_ranges(stats: CalibrationStats, out_dir: str | os.PathLike, 
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle("Activation range per denoising step (layers with the widest drift)")
-    fig.tight_layout()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "activation_ranges.png"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".activation_ranges.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, target)
-    return target
+    return save_figure(fig, out_dir, "activation_ranges.png")
 
 
 def plot_bits(plan, out_dir: str | os.PathLike, groups: dict[str, str] | None = None) -> Path:
@@ -77,13 +83,4 @@ def plot_bits(plan, out_dir: str | os.PathLike, groups: dict[str, str] | None = 
     params = sum(1 for _ in names)
     ax.set_title(f"{plan.preset}: bits per layer ({params} layers; orange = content, blue = quality, "
                  "▼ = 4-bit activations, ★ = low-rank branch)", fontsize=9)
-    fig.tight_layout()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "bits_per_layer.png"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".bits_per_layer.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, target)
-    return target
+    return save_figure(fig, out_dir, "bits_per_layer.png")
