@@ -33,7 +33,7 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from diffq import kernels  # noqa: E402
+from diffq.kernels import dispatch as kernels  # noqa: E402
 from diffq.kernels import pack, reference, unpack  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed, so the Triton kernels cannot be tested")
