@@ -1,0 +1,81 @@
+"""Fidelity of quantized images to the full-precision images of the same prompts and seeds.
+
+All functions take float ``[N, C, H, W]`` images in [0, 1] and return the mean over images.
+LPIPS needs torchvision backbone weights; it is computed only when they are already on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffq.metrics.images import resize, to_rgb
+
+PSNR_CAP_DB = 100.0
+"""PSNR of identical images (infinite) is reported as this value, so reports stay valid JSON."""
+
+_LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+_LPIPS_MIN_SIZE = 64
+
+
+def _check_pair(images: torch.Tensor, reference: torch.Tensor) -> None:
+    if images.shape != reference.shape:
+        raise ValueError(f"image sets differ in shape: {tuple(images.shape)} vs {tuple(reference.shape)}")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty [N, C, H, W] batch, got shape {tuple(images.shape)}")
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean per-image PSNR in dB (data range 1), capped at :data:`PSNR_CAP_DB`."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    _check_pair(images, reference)
+    per_image = peak_signal_noise_ratio(
+        images.double(), reference.double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
+    )
+    return float(per_image.clamp(max=PSNR_CAP_DB).mean())
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean SSIM (Gaussian window 11 / sigma 1.5, shrunk to fit images smaller than 11 pixels)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _check_pair(images, reference)
+    side = min(images.shape[-2:])
+    kernel = min(11, side if side % 2 else side - 1)
+    if kernel < 3:
+        raise ValueError(f"images of {tuple(images.shape[-2:])} pixels are too small for SSIM")
+    sigma = 1.5 * kernel / 11
+    value = structural_similarity_index_measure(
+        images.double(), reference.double(), data_range=1.0, kernel_size=kernel, sigma=sigma
+    )
+    return float(value)
+
+
+def lpips_weights_available(net: str = "alex") -> bool:
+    """Whether LPIPS with backbone ``net`` can run offline (torchvision weights already cached)."""
+    if net not in _LPIPS_BACKBONES:
+        raise ValueError(f"unknown LPIPS backbone {net!r}; expected one of {sorted(_LPIPS_BACKBONES)}")
+    try:
+        import torchvision
+    except ImportError:
+        return False
+    url = getattr(torchvision.models, _LPIPS_BACKBONES[net]).DEFAULT.url
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name).is_file()
+
+
+def lpips(images: torch.Tensor, reference: torch.Tensor, *, net: str = "alex") -> float | None:
+    """Mean LPIPS distance, or ``None`` when the backbone weights are not on this machine."""
+    _check_pair(images, reference)
+    if not lpips_weights_available(net):
+        return None
+    from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity
+
+    a, b = to_rgb(images.float()), to_rgb(reference.float())
+    h, w = a.shape[-2:]
+    if min(h, w) < _LPIPS_MIN_SIZE:
+        scale = _LPIPS_MIN_SIZE / min(h, w)
+        size = (round(h * scale), round(w * scale))
+        a, b = resize(a, size), resize(b, size)
+    return float(learned_perceptual_image_patch_similarity(a, b, net_type=net, normalize=True))

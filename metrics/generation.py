@@ -1,0 +1,82 @@
+"""Seeded, sharded image generation for evaluation.
+
+Image ``i`` always uses ``torch.Generator("cpu").manual_seed(seed + i)`` and is generated in the same
+batch (``i // batch_size``) whatever the number of processes: batches are dealt to processes
+round-robin, so one process and many produce the same images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffq.metrics.images import as_image_batch, batches
+
+
+def shard_batches(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """The global batches (index ranges) that process ``rank`` of ``world_size`` generates."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    return batches(num_images, batch_size)[rank::world_size]
+
+
+def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``fn`` takes (all of them if it has ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def generate_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    shard: Sequence[range],
+    *,
+    seed: int,
+    call_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> tuple[dict[int, torch.Tensor], float]:
+    """Generate the images of ``shard``: ``({global index: [C, H, W] float CPU image}, seconds)``.
+
+    ``seconds`` is the wall time of the pipeline calls (with CUDA synchronised).
+    """
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    base = {**(call_kwargs or {}), "output_type": "pt"}
+    out: dict[int, torch.Tensor] = {}
+    seconds = 0.0
+    total = sum(len(r) for r in shard)
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for idx in shard:
+            kwargs = _accepted(
+                pipe.__call__,
+                {
+                    **base,
+                    "prompt": [prompts[i] for i in idx],
+                    "generator": [torch.Generator("cpu").manual_seed(seed + i) for i in idx],
+                },
+            )
+            start = time.perf_counter()
+            with torch.no_grad():
+                result = pipe(**kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            images = getattr(result, "images", result[0] if isinstance(result, tuple) else result)
+            batch = as_image_batch(images)
+            if batch.shape[0] != len(idx):
+                raise RuntimeError(f"pipeline returned {batch.shape[0]} images for {len(idx)} prompts")
+            for i, image in zip(idx, batch, strict=True):
+                out[i] = image.clone()
+            bar.update(len(idx))
+    return out, seconds

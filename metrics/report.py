@@ -1,0 +1,121 @@
+"""Evaluation outputs: ``report.json``, ``report.md`` and ``grid.png``, each written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffq.metrics.images import resize, to_rgb
+
+GRID_CELL = 64
+"""Grid cells are at least this many pixels on a side (small digits are upscaled, nearest)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return format(value, spec) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any], notes: list[str] | None = None) -> str:
+    """A markdown page with one table row per preset."""
+    lines = [
+        f"# diffq evaluation: {report['model']}",
+        "",
+        f"{report['num_images']} images per preset; FID features: `{report['feature_extractor']}`.",
+        "",
+        "| preset | FID ↓ | alignment ↑ | CLIP score ↑ | PSNR vs fp (dB) ↑ | SSIM vs fp ↑ | denoiser weights (MiB) | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for preset, r in report["results"].items():
+        mib = r["weight_bytes"] / 2**20
+        lines.append(
+            f"| {preset} | {_fmt(r['fid'], '.4g')} | {_fmt(r['alignment'])} | {_fmt(r['clip_score'], '.2f')} | "
+            f"{_fmt(r['psnr_vs_fp'], '.2f')} | {_fmt(r['ssim_vs_fp'])} | {mib:.2f} | {_fmt(r['seconds'], '.1f')} |"
+        )
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def make_grid(rows: dict[str, torch.Tensor], *, cell: int = GRID_CELL):
+    """A PIL image: one row per entry of ``rows`` (label on the left, its images to the right)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not rows:
+        raise ValueError("no rows to draw")
+    first = next(iter(rows.values()))
+    h, w = first.shape[-2:]
+    scale = max(1, math.ceil(cell / min(h, w)))
+    ch, cw = h * scale, w * scale
+    font = ImageFont.load_default()
+    label_w = (
+        8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(k, font=font)) for k in rows) + 8
+    )
+    ncols = max(r.shape[0] for r in rows.values())
+    pad = 2
+    grid = Image.new("RGB", (label_w + ncols * (cw + pad), len(rows) * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (name, images) in enumerate(rows.items()):
+        top = pad + i * (ch + pad)
+        draw.text((8, top + ch // 2), name, fill="black", font=font, anchor="lm")
+        x = to_rgb(images.float().cpu().clamp(0, 1))
+        x = resize(x, (h, w)) if tuple(x.shape[-2:]) != (h, w) else x
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
+        arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for j in range(arr.shape[0]):
+            grid.paste(Image.fromarray(arr[j]), (label_w + j * (cw + pad), top))
+    return grid
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    report: dict[str, Any],
+    grid_rows: dict[str, torch.Tensor],
+    notes: list[str] | None = None,
+) -> None:
+    """Write ``report.json``, ``report.md`` and ``grid.png`` into ``out_dir`` (created if needed)."""
+    out = Path(out_dir)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "report.md", render_markdown(report, notes))
+    buf = io.BytesIO()
+    make_grid(grid_rows).save(buf, format="PNG")
+    atomic_write_bytes(out / "grid.png", buf.getvalue())

@@ -1,0 +1,229 @@
+"""The evaluation runner (`diffq eval`): input errors, seeding, reports, and 1- vs 2-process agreement.
+
+Runs use the tiny random Stable Diffusion pipeline from `diffq.pipelines.testing` (32×32, 2 steps, no
+guidance), a stand-in classifier, and the weight-only `w8a16` preset (no calibration pass), so each
+test takes seconds. `test_two_process_accelerate_launch_matches_one_process` starts a real
+two-process gloo group with `accelerate launch` in a subprocess (about 15-30 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_metrics import PixelClassifier  # the stand-in classifier both files use
+
+import diffq
+from diffq.errors import DiffQError, ModelLoadError, UnknownPresetError
+from diffq.metrics.errors import EvaluationInputError
+from diffq.metrics.evaluate import configure_parser, evaluate, main
+from diffq.metrics.generation import generate_images
+
+REPORT_KEYS = {"model", "num_images", "feature_extractor", "results"}
+RESULT_KEYS = {"fid", "alignment", "clip_score", "psnr_vs_fp", "ssim_vs_fp", "weight_bytes", "seconds"}
+TINY_CALL = {"height": 32, "width": 32, "guidance_scale": 1.0}
+PROMPTS = [(f"a handwritten digit {d}", d) for d in range(10)]
+
+
+
+
+def tiny_factory(name: str):
+    from diffq.pipelines.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline()
+
+
+def tiny_eval(out_dir: str | None, presets: list[str], num_images: int, **kwargs) -> dict:
+    """`evaluate` on the tiny pipeline; shared by the in-process tests and the accelerate subprocess."""
+    options = dict(
+        out_dir=out_dir,
+        prompts=PROMPTS,
+        batch_size=2,
+        steps=2,
+        call_kwargs=TINY_CALL,
+        classifier=PixelClassifier(),
+        pipeline_factory=tiny_factory,
+        progress=False,
+    )
+    return evaluate("tiny-sd", presets, num_images, **{**options, **kwargs})
+
+
+def _never(name: str):
+    raise AssertionError("bad input must be rejected before any pipeline is built")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_images": 0}, EvaluationInputError, "num_images"),
+        ({"presets": ["fp", "w3a3"]}, UnknownPresetError, "w3a3"),
+        ({"presets": " , "}, EvaluationInputError, "no presets"),
+        ({"prompts_file": "/no/such/prompts.txt", "prompts": None}, EvaluationInputError, "does not exist"),
+        ({"model": "no-such-model", "prompts": None}, EvaluationInputError, "not a bundled model"),
+        ({"batch_size": 0}, EvaluationInputError, "batch_size"),
+        ({"clip_model": "ViT-B-32"}, EvaluationInputError, "clip_weights"),
+    ],
+)
+def test_bad_input_is_rejected_early(kwargs, error, match):
+    args = {"model": "tiny-sd", "presets": ["fp", "w8a16"], "num_images": 4, "prompts": PROMPTS}
+    args.update(kwargs)
+    with pytest.raises(error, match=match) as info:
+        evaluate(
+            args.pop("model"), args.pop("presets"), args.pop("num_images"), pipeline_factory=_never, **args
+        )
+    assert isinstance(info.value, DiffQError)
+
+
+def test_unknown_model_folder_is_a_load_error(tmp_path):
+    not_a_pipeline = tmp_path / "model.bin"
+    not_a_pipeline.write_bytes(b"")
+    with pytest.raises(ModelLoadError):
+        evaluate(
+            str(not_a_pipeline), ["fp"], 2, prompts=PROMPTS, classifier=PixelClassifier(), progress=False
+        )
+
+
+def test_cli_prints_errors_and_returns_nonzero(tmp_path, capsys):
+    assert main(["tiny-sd", "--num-images", "0", "--out", str(tmp_path)]) == 2
+    assert "diffq eval: error:" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_parser_defaults():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args([])
+    assert (args.model, args.presets, args.seed, args.no_progress) == ("digits-sd", "fp,w8a8,w4a8", 0, False)
+    args = parser.parse_args(
+        ["m", "--presets", "w4a8", "--num-images", "8", "--prompts", "p.txt", "--no-progress"]
+    )
+    assert (args.model, args.presets, args.num_images, args.prompts, args.no_progress) == (
+        "m",
+        "w4a8",
+        8,
+        "p.txt",
+        True,
+    )
+
+
+def test_image_seed_depends_only_on_global_index():
+    pipe = tiny_factory("tiny-sd")
+    prompts = [p for p, _ in PROMPTS[:4]]
+    call = {**TINY_CALL, "num_inference_steps": 2}
+    batched, _ = generate_images(
+        pipe, prompts, [range(0, 2), range(2, 4)], seed=5, call_kwargs=call, progress=False
+    )
+    single, _ = generate_images(
+        pipe, prompts, [range(3, 4), range(1, 2)], seed=5, call_kwargs=call, progress=False
+    )
+    assert sorted(single) == [1, 3]
+    for i in (1, 3):
+        assert torch.allclose(batched[i], single[i], atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-2)  # different seeds, different images
+
+
+def test_fp_is_generated_as_reference_when_not_listed(tmp_path):
+    report = tiny_eval(str(tmp_path), ["w8a16"], 2)
+    assert list(report["results"]) == ["w8a16"]
+    row = report["results"]["w8a16"]
+    assert row["psnr_vs_fp"] is not None and row["psnr_vs_fp"] > 20
+    assert 0.9 < row["ssim_vs_fp"] <= 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_launch_matches_one_process(tmp_path):
+    """Same report from one process and from a 2-process gloo group (`accelerate launch`, subprocess)."""
+    one = tiny_eval(str(tmp_path / "one"), ["fp", "w8a16"], 6)
+
+    # The report shape, checked once here on the one-process run.
+    assert (
+        set(one) == REPORT_KEYS and one["num_images"] == 6 and one["feature_extractor"] == "digit-classifier"
+    )
+    assert list(one["results"]) == ["fp", "w8a16"]
+    for row in one["results"].values():
+        assert set(row) == RESULT_KEYS
+        assert isinstance(row["weight_bytes"], int) and row["seconds"] > 0 and row["fid"] >= 0
+        assert row["clip_score"] is None and 0 <= row["alignment"] <= 1
+    fp, q = one["results"]["fp"], one["results"]["w8a16"]
+    assert fp["psnr_vs_fp"] is None and fp["ssim_vs_fp"] is None
+    assert q["psnr_vs_fp"] > 20 and q["weight_bytes"] < fp["weight_bytes"]
+    assert json.loads((tmp_path / "one" / "report.json").read_text()) == one
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["grid.png", "report.json", "report.md"]
+
+    script = tmp_path / "two_process_eval.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_evaluate import tiny_eval\n"
+        "from diffq.distributed import process_state\n"
+        "assert process_state().num_processes == 2, 'not a 2-process group'\n"
+        "report = tiny_eval(sys.argv[1], ['fp', 'w8a16'], 6)\n"
+        "print('REPORT ' + json.dumps(report), flush=True)\n"
+    )
+    # `--cpu` makes accelerate 1.x use its single-process launcher; `--multi_gpu` with no visible GPU
+    # starts torchrun, and the runner joins the processes in a gloo group on CPU.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(script), str(tmp_path / "two"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert len(reports) == 2 and reports[0] == reports[1]  # every process returns the main one's report
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two == reports[0]
+    for preset in ("fp", "w8a16"):
+        a, b = one["results"][preset], two["results"][preset]
+        assert b["alignment"] == a["alignment"]
+        assert b["fid"] == pytest.approx(a["fid"], rel=1e-4, abs=1e-6)
+        assert b["weight_bytes"] == a["weight_bytes"]
+    assert two["results"]["w8a16"]["psnr_vs_fp"] == pytest.approx(
+        one["results"]["w8a16"]["psnr_vs_fp"], abs=0.05
+    )
+
+
+def test_quantize_contract_is_available():
+    assert callable(diffq.quantize) and callable(diffq.weight_bytes) and "w8a16" in diffq.available_presets()
+
+
+def test_missing_inception_weights_stop_before_generation(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFQ_INCEPTION_WEIGHTS", raising=False)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(DiffQError, match="Inception"):
+            tiny_eval(None, ["fp"], 2, feature_extractor="inception-v3", pipeline_factory=_never)
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_cli_end_to_end_on_a_local_pipeline_folder(tmp_path, monkeypatch, capsys):
+    import diffq.metrics.scoring as scoring
+
+    tiny_factory("tiny-sd").save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("3\ta handwritten digit 3\na cat\n")
+    monkeypatch.setattr(scoring, "_load_classifier", lambda classifier: PixelClassifier())
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "model"), "--presets", "fp", "--num-images", "3", "--out", str(out)]
+    argv += ["--prompts", str(tmp_path / "prompts.txt"), "--steps", "1", "--batch-size", "3", "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "| fp |" in captured.out and "img/s" not in captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == str(tmp_path / "model") and report["num_images"] == 3
+    assert report["results"]["fp"]["alignment"] in (0.0, 0.5, 1.0)  # two of three prompts name a digit
