@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -15,6 +15,7 @@ from diffq.pipelines.testing import (
     tiny_call_kwargs,
     tiny_flux_pipeline,
     tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
 )
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -40,6 +41,7 @@ def make_lora(build, pipeline_class, folder, std=0.05):
 
 
 @pytest.mark.parametrize("build, pipeline_class", [(tiny_sd_pipeline, StableDiffusionPipeline),
+                                                   (tiny_sdxl_pipeline, StableDiffusionXLPipeline),
                                                    (tiny_flux_pipeline, FluxPipeline)])
 def test_lora_on_quantized_pipeline_tracks_float_lora(build, pipeline_class, tmp_path):
     float_base = run_tiny(build(0))
