@@ -53,17 +53,36 @@ def conditioning(pipe: Any, items: Sequence[str | int]) -> dict[str, Any]:
     )
 
 
+def bundled_name(pipe: Any) -> str | None:
+    """The bundled model a pipeline was loaded from, if any."""
+    from diffq.pipelines.loading import bundled_models
+
+    source = str(getattr(pipe, "name_or_path", "") or getattr(getattr(pipe, "config", None), "_name_or_path", ""))
+    for name, folder in bundled_models().items():
+        if source and source == str(folder):
+            return name
+    return None
+
+
+def default_call_kwargs(pipe: Any) -> dict[str, Any]:
+    """Call arguments a bundled model needs (size, guidance, PixArt's resolution binning off);
+    ``{}`` for other pipelines. The number of steps is left to the caller."""
+    from diffq.pipelines import reference
+
+    name = bundled_name(pipe)
+    kwargs = dict(reference.DEFAULT_CALL_KWARGS.get(name, {})) if name else {}
+    kwargs.pop("num_inference_steps", None)
+    return kwargs
+
+
 def default_prompts(pipe: Any) -> list[str]:
     """Calibration prompts: a bundled model's own prompts, a class-conditional model's first labels,
     otherwise a small generic set."""
-    from diffq.pipelines.loading import bundled_models
 
     labels = getattr(pipe, "labels", None)
     if "prompt" not in inspect.signature(pipe.__call__).parameters and labels:
         return list(labels)[:4]
-
-    source = str(getattr(pipe, "name_or_path", "") or getattr(getattr(pipe, "config", None), "_name_or_path", ""))
-    if source and source in {str(folder) for folder in bundled_models().values()}:
+    if bundled_name(pipe) is not None:
         from diffq.pipelines import reference
 
         return [prompt for prompt, _digit in reference.eval_prompts(8)]
@@ -102,6 +121,7 @@ def calibrate_pipeline(
         raise QuantizationInputError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
     denoiser = denoiser_of(pipe)
     install_timestep_hook(denoiser)
+    call_kwargs = {**default_call_kwargs(pipe), **call_kwargs}
     if guidance_scale is not None:
         call_kwargs["guidance_scale"] = guidance_scale
     bos_layers = adapter_for(denoiser).bos_layers(set(layers)) if has_bos_token(pipe) else set()

@@ -29,7 +29,7 @@ from diffq.calibration import CalibrationStats
 from diffq.convert import convert_model, resolve_config
 from diffq.errors import QuantizationInputError
 from diffq.pipelines.adapters import adapter_for, denoiser_of
-from diffq.pipelines.calibrate import conditioning
+from diffq.pipelines.calibrate import conditioning, default_call_kwargs
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.plan import QuantPlan
 from diffq.planning import CalibrationOptions, plan_layer
@@ -143,6 +143,7 @@ def measure_sensitivity(
     adapter = adapter_for(denoiser)
     install_timestep_hook(denoiser)
     options = options or CalibrationOptions()
+    call_kwargs = {**default_call_kwargs(pipe), **call_kwargs}
     splits = adapter.concat_splits(denoiser)
     names = sorted(layers)
     key = fingerprint(pipe, names, candidates, prompts, num_inference_steps, seed, call_kwargs)

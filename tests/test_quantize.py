@@ -154,3 +154,11 @@ def test_truncated_checkpoint_gives_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(diffq.CheckpointError, match="truncated|unreadable"):
         diffq.load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("name", ["digits-sd", "digits-dit"])
+def test_bundled_models_calibrate_with_their_own_call_arguments(name):
+    # digits-dit is a 32 px PixArt: calibration must use its call defaults (no resolution binning).
+    pipe = diffq.load(name)
+    diffq.quantize(pipe, "w8a8", num_calibration_steps=1, progress=False)
+    assert plan_of(denoiser_of(pipe)).layers
