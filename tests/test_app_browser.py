@@ -7,15 +7,14 @@ where it fails. It saves the page after a successful generation to ``docs/demo.p
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_app import load_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -85,16 +84,6 @@ def outside_calls():
         socket.socket.connect, socket.getaddrinfo = connect, lookup
 
 
-def _load_app():
-    """``app.py`` from the repository root as the module ``app`` (shared with test_app.py)."""
-    module = sys.modules.get("app")
-    if module is not None and Path(module.__file__).resolve() == ROOT / "app.py":
-        return module
-    spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _demo_model(app, tmp_path_factory) -> tuple[str, object]:
@@ -122,7 +111,7 @@ def _demo_model(app, tmp_path_factory) -> tuple[str, object]:
 def demo_url(sync_playwright, outside_calls, tmp_path_factory):
     """The demo on a free 127.0.0.1 port, served from a background thread."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    app = _load_app()
+    app = load_app()
     model, models = _demo_model(app, tmp_path_factory)
     demo = app.build_app(model=model, models=models)
     with socket.socket() as probe:
