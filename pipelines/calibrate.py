@@ -116,7 +116,7 @@ def calibrate_pipeline(
     """
     if isinstance(prompts, str) or not prompts:
         raise QuantizationInputError("calibration prompts must be a non-empty list (of prompts or class labels).")
-    conditioning(pipe, prompts)  # validates before any work
+    by_label = "class_labels" in conditioning(pipe, prompts)  # also validates before any work
     if num_inference_steps < 1:
         raise QuantizationInputError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
     denoiser = denoiser_of(pipe)
@@ -131,7 +131,7 @@ def calibrate_pipeline(
         # DiT-style pipelines always double the batch for guidance above 1 and have no flag for it.
         guided = getattr(pipe, "do_classifier_free_guidance", None)
         if guided is None:
-            guided = call_kwargs.get("guidance_scale", 4.0) > 1 and "class_labels" in conditioning(pipe, prompts[:1])
+            guided = by_label and call_kwargs.get("guidance_scale", 4.0) > 1
         set_cfg_split(bool(guided))
 
     bar = tqdm(total=len(prompts) * num_inference_steps, desc="diffq: calibrating", disable=not progress)
@@ -141,9 +141,7 @@ def calibrate_pipeline(
     ]
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
-    latent = "output_type" in inspect.signature(pipe.__call__).parameters and "prompt" in conditioning(
-        pipe, prompts[:1]
-    )
+    latent = not by_label and "output_type" in inspect.signature(pipe.__call__).parameters
     try:
         with observer.observe() as stats, torch.no_grad():
             for i, prompt in enumerate(prompts):
