@@ -68,6 +68,25 @@ def _missing_plan() -> CheckpointError:
     )
 
 
+class _PlanConfig:
+    """What both libraries' ``quantization_config`` classes for diffq share: the stored plan."""
+
+    def _set_plan(self, plan: dict | None, quant_method: Any) -> None:
+        if plan is None:
+            raise _missing_plan()
+        self.quant_method = quant_method
+        self.plan = plan
+
+    def quant_plan(self) -> QuantPlan:
+        return QuantPlan.from_dict(self.plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "plan": self.plan}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
 def register() -> None:
     """Teach diffusers and transformers the ``"diffq"`` quantization method (idempotent)."""
     global _REGISTERED
@@ -123,20 +142,11 @@ def _register_transformers() -> None:
     if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
         return
 
-    class DiffQTextConfig(QuantizationConfigMixin):
+    class DiffQTextConfig(_PlanConfig, QuantizationConfigMixin):
         """``quantization_config`` of a diffq-quantized transformers model (a text encoder)."""
 
         def __init__(self, plan: dict | None = None, **kwargs: Any) -> None:
-            if plan is None:
-                raise _missing_plan()
-            self.quant_method = QUANT_METHOD
-            self.plan = plan
-
-        def to_dict(self) -> dict[str, Any]:
-            return {"quant_method": QUANT_METHOD, "plan": self.plan}
-
-        def to_diff_dict(self) -> dict[str, Any]:
-            return self.to_dict()
+            self._set_plan(plan, QUANT_METHOD)
 
     class DiffQTextQuantizer(HfQuantizer):
         """Loads diffq-quantized transformers models inside their ``from_pretrained``."""
@@ -144,14 +154,14 @@ def _register_transformers() -> None:
         requires_calibration = True  # checkpoints are quantized by diffq.quantize, then loaded
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            QuantPlan.from_dict(self.quantization_config.plan)
+            self.quantization_config.quant_plan()
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
-            convert_structure(model, QuantPlan.from_dict(self.quantization_config.plan))
+            convert_structure(model, self.quantization_config.quant_plan())
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             _finish_loading(model)
-            attach_plan(model, QuantPlan.from_dict(self.quantization_config.plan))
+            attach_plan(model, self.quantization_config.quant_plan())
             return model
 
         def is_serializable(self) -> bool:
@@ -172,24 +182,12 @@ def _register_diffusers() -> None:
 
     method = _enum_member(QuantizationMethod, "DIFFQ", QUANT_METHOD)
 
-    class DiffQConfig(QuantizationConfigMixin):
+    class DiffQConfig(_PlanConfig, QuantizationConfigMixin):
         """``quantization_config`` of a diffq checkpoint: the method and the :class:`QuantPlan`."""
 
         def __init__(self, plan: dict | None = None, **kwargs: Any) -> None:
-            if plan is None:
-                raise _missing_plan()
-            self.quant_method = method
-            self.plan = plan
+            self._set_plan(plan, method)
             self.pre_quantized = True
-
-        def quant_plan(self) -> QuantPlan:
-            return QuantPlan.from_dict(self.plan)
-
-        def to_dict(self) -> dict[str, Any]:
-            return {"quant_method": QUANT_METHOD, "plan": self.plan}
-
-        def to_diff_dict(self) -> dict[str, Any]:
-            return self.to_dict()
 
     class DiffQQuantizer(DiffusersQuantizer):
         """Loads diffq-quantized models inside diffusers' ``from_pretrained``."""
