@@ -39,12 +39,14 @@ MAX_SQNR_DB = 200.0  # a layer whose error is exactly zero
 
 
 def fingerprint(pipe: Any, layers: Sequence[str], candidates: Sequence[Candidate], prompts: Sequence[str],
-                num_inference_steps: int, seed: int, call_kwargs: dict) -> str:
-    """A stable id of what a sensitivity analysis measured (model, layers, candidates, settings)."""
+                num_inference_steps: int, seed: int, call_kwargs: dict,
+                options: CalibrationOptions | None = None) -> str:
+    """A stable id of what a sensitivity analysis measured (model, layers, candidates, settings,
+    and the calibrated recipe each candidate is built with)."""
     source = str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
     payload = json.dumps(
         [source, sorted(layers), [c.label for c in candidates], list(prompts), num_inference_steps, seed,
-         {k: repr(v) for k, v in sorted(call_kwargs.items())}],
+         {k: repr(v) for k, v in sorted(call_kwargs.items())}, repr(options or CalibrationOptions())],
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -146,7 +148,7 @@ def measure_sensitivity(
     call_kwargs = {**default_call_kwargs(pipe), **call_kwargs}
     splits = adapter.concat_splits(denoiser)
     names = sorted(layers)
-    key = fingerprint(pipe, names, candidates, prompts, num_inference_steps, seed, call_kwargs)
+    key = fingerprint(pipe, names, candidates, prompts, num_inference_steps, seed, call_kwargs, options)
     result = Sensitivity(key)
     if cache is not None and Path(cache).exists():
         cached = Sensitivity.load(cache)

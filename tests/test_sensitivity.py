@@ -153,3 +153,13 @@ def test_allocate_cli_uses_the_measured_candidates(sd_folder, tmp_path, capsys):
 def test_layer_shape_of_conv_disallows_low_rank():
     shape = LayerShape(288, 32, linear=False)
     assert not shape.allows(Candidate(4, 8, 32)) and shape.allows(Candidate(4, 8))
+
+
+def test_fingerprint_changes_with_the_calibrated_recipe():
+    """A cached analysis made with other clipping/smoothing settings is not reused."""
+    from diffq.planning import CalibrationOptions
+
+    fingerprint = runner.fingerprint
+    args = (object(), ["a", "b"], [Candidate(4, 8)], ["a prompt"], 4, 0, {})
+    assert fingerprint(*args) == fingerprint(*args, CalibrationOptions())
+    assert fingerprint(*args) != fingerprint(*args, CalibrationOptions(smoothing=False))
