@@ -135,10 +135,11 @@ def calibrate_pipeline(
         set_cfg_split(bool(guided))
 
     bar = tqdm(total=len(prompts) * num_inference_steps, desc="diffq: calibrating", disable=not progress)
-    hooks = [
-        denoiser.register_forward_pre_hook(flag_guidance),
-        denoiser.register_forward_hook(lambda *_: bar.update(1)),  # one denoiser call per step
-    ]
+
+    def count_step(*_: Any) -> None:  # one denoiser call per step; returns None so the output stands
+        bar.update(1)  # (tqdm's update returns True when it redraws: a hook returning it replaces the output)
+
+    hooks = [denoiser.register_forward_pre_hook(flag_guidance), denoiser.register_forward_hook(count_step)]
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     latent = not by_label and "output_type" in inspect.signature(pipe.__call__).parameters

@@ -254,3 +254,24 @@ def test_calibrated_plan_records_its_choices():
     assert all(c.a_groups == 1 and c.smooth_alpha is None and not c.bos for c in rtn.layers.values())
     with pytest.raises(diffq.DiffQError, match="w4a8-rtn"):
         diffq.allocate(pipe, None, preset="w4a8")
+
+
+def test_progress_bar_redraw_does_not_replace_the_denoiser_output(monkeypatch):
+    """tqdm's ``update`` returns True when it redraws; the step counter must not pass that on."""
+    from diffq.pipelines import calibrate as module
+
+    class RedrawingBar:
+        def __init__(self, *args, **kwargs):
+            self.n = 0
+
+        def update(self, n=1):
+            self.n += n
+            return True
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(module, "tqdm", RedrawingBar)
+    pipe = tiny_sd_pipeline()
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:1], num_inference_steps=2, progress=True, **tiny_call_kwargs(pipe))
+    assert stats.layers
