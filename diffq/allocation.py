@@ -10,7 +10,9 @@ group's losses are divided by that group's total loss at a reference candidate (
 ``reference`` config, ``w4a8`` by default), so both groups weigh 1 at the reference and their
 different metrics (1 − SSIM, noise-to-signal ratio) become comparable. The joint program is the
 exact optimum of the objective that the split scan approximates on a grid, at the cost of one
-solve instead of one per split point.
+solve instead of one per split point. ``content_share`` gives MixDQ's split instead: the content
+layers may use that fraction of the bit budget and the quality layers the rest, each group solved
+on its own (``benchmarks/allocation_split.py`` compares the two on the bundled models).
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def normalized_losses(
     return losses
 
 
+def _split_constraints(
+    sensitivity: Sensitivity, layers: list[str], bits: np.ndarray, valid: np.ndarray, total_bits: float, share: float
+) -> list[LinearConstraint]:
+    """One bit budget per metric group: ``share`` of ``total_bits`` for content, the rest for quality."""
+    constraints = []
+    for group, fraction in (("content", share), ("quality", 1 - share)):
+        mask = np.array([sensitivity.groups[n] == group for n in layers], dtype=float)
+        smallest = float((np.where(valid, bits, np.inf).min(axis=1) * mask).sum())
+        if smallest > fraction * total_bits + 1e-6:
+            raise InfeasibleBudgetError(
+                f"content_share={share:g} leaves the {group} layers {fraction * total_bits:.4g} bits, fewer than the "
+                f"{smallest:.4g} they need at the fewest bits; move the share or raise the budget."
+            )
+        constraints.append(LinearConstraint((bits * mask[:, None]).reshape(1, -1), -np.inf, fraction * total_bits))
+    return constraints
+
+
 def _has(sensitivity: Sensitivity, layers: list[str], label: str) -> bool:
     return all(label in sensitivity.scores.get(n, {}) for n in layers)
 
@@ -86,8 +105,15 @@ def allocate_bits(
     budget: float,
     reference: Candidate = REFERENCE,
     max_bytes: int | None = None,
+    content_share: float | None = None,
 ) -> Allocation:
-    """Solve for one candidate per layer minimising normalized loss under an average-bits budget."""
+    """Solve for one candidate per layer minimising normalized loss under an average-bits budget.
+
+    ``content_share`` (0 < share < 1) splits the bit budget between the groups as MixDQ does: the
+    content layers get that fraction of it, the quality layers the rest.
+    """
+    if content_share is not None and not 0 < content_share < 1:
+        raise QuantizationInputError(f"content_share={content_share!r}; use a fraction between 0 and 1, or None.")
     layers = list(shapes)
     valid = np.array([[shapes[n].allows(c) for c in candidates] for n in layers])
     missing = [
@@ -118,6 +144,8 @@ def allocate_bits(
     ]
     if max_bytes is not None:
         constraints.append(LinearConstraint(bits.reshape(1, -1) / 8, -np.inf, max_bytes))
+    if content_share is not None:
+        constraints += _split_constraints(sensitivity, layers, bits, valid, budget * total_params, content_share)
     result = milp(
         c=losses.reshape(-1),
         constraints=constraints,

@@ -98,6 +98,7 @@ def allocate(
     preset: str = "w4a8",
     budget: float | None = None,
     sensitivity: Sensitivity | str | os.PathLike | None = None,
+    content_share: float | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> QuantPlan:
@@ -106,7 +107,9 @@ def allocate(
     Calibrated presets read ``stats`` (from :func:`calibrate`) to choose, per layer, timestep
     groups, smoothing and clipping; ``-rtn`` presets give every layer the same config. Mixed
     precision (``preset="mixed", budget=4.0`` or ``preset="w3.5a8"``) solves an integer program on
-    ``sensitivity`` (from :func:`sensitivity`, or its saved file) for the bits of each layer.
+    ``sensitivity`` (from :func:`sensitivity`, or its saved file) for the bits of each layer, jointly
+    over both metric groups, or — with ``content_share`` — MixDQ's split: the content layers get that
+    fraction of the bit budget and the quality layers the rest.
     ``overrides`` replace fields of a uniform preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
     """
     bare = not _is_pipeline(target)
@@ -117,7 +120,7 @@ def allocate(
         sensitivity = Sensitivity.load(sensitivity)
     return build_plan(
         get_preset(preset), layers, kept, stats, adapter.concat_splits(model), progress=progress,
-        sensitivity=sensitivity, budget=budget, **overrides,
+        sensitivity=sensitivity, budget=budget, content_share=content_share, **overrides,
     )
 
 

@@ -123,8 +123,12 @@ def mixed_plan(
     budget: float | None,
     splits: dict[str, int] | None = None,
     progress: bool = True,
+    content_share: float | None = None,
 ) -> QuantPlan:
-    """Allocate bits by integer programming, then tune each layer's config from ``stats``."""
+    """Allocate bits by integer programming, then tune each layer's config from ``stats``.
+
+    ``content_share``: split the budget between the metric groups (MixDQ) instead of one joint program.
+    """
     budget = budget if budget is not None else recipe.budget
     if budget is None:
         raise QuantizationInputError(f"preset {recipe.name!r} needs a budget, e.g. budget=4.0 average weight bits.")
@@ -135,7 +139,7 @@ def mixed_plan(
         )
     shapes = {n: layer_shape(m) for n, m in layers.items()}
     candidates = measured_candidates(sensitivity, shapes, recipe.candidates)
-    allocation = allocate_bits(sensitivity, shapes, candidates, budget)
+    allocation = allocate_bits(sensitivity, shapes, candidates, budget, content_share=content_share)
     options = recipe.calibration or CalibrationOptions()
     splits = splits or {}
     planned = {}
@@ -154,6 +158,7 @@ def build_plan(
     progress: bool = True,
     sensitivity: Sensitivity | None = None,
     budget: float | None = None,
+    content_share: float | None = None,
     **overrides: object,
 ) -> QuantPlan:
     """The recipe's plan for these layers: uniform, tuned per layer from ``stats``, or mixed."""
@@ -162,9 +167,10 @@ def build_plan(
             raise QuantizationInputError(
                 f"mixed precision chooses bits, ranks and activations per layer; drop {sorted(overrides)}."
             )
-        return mixed_plan(recipe, layers, kept, stats, sensitivity, budget, splits, progress)
-    if budget is not None:
-        raise QuantizationInputError(f"preset {recipe.name!r} is uniform; budget= needs 'mixed' or e.g. 'w3.5a8'.")
+        return mixed_plan(recipe, layers, kept, stats, sensitivity, budget, splits, progress, content_share)
+    if budget is not None or content_share is not None:
+        what = "budget=" if budget is not None else "content_share="
+        raise QuantizationInputError(f"preset {recipe.name!r} is uniform; {what} needs 'mixed' or e.g. 'w3.5a8'.")
     base = replace(recipe.layer, **overrides) if overrides else recipe.layer
     if recipe.calibration is not None:
         return calibrated_plan(recipe.name, base, recipe.calibration, layers, kept, stats, splits, progress)

@@ -84,3 +84,31 @@ def test_missing_scores_are_reported():
     sens = make_sensitivity({"a": [5.0, 20.0, 40.0]})
     with pytest.raises(Exception, match="lacks scores"):
         allocate_bits(sens, {"a": LayerShape(8, 8), "b": LayerShape(8, 8)}, CANDS, 4.0)
+
+
+def test_content_share_splits_the_budget_between_groups():
+    # Content scores are SSIM, quality scores SQNR dB; equal shapes so bits per layer are w_bits * 4096.
+    scores = {"c1": [0.6, 0.9, 0.99], "c2": [0.8, 0.95, 0.995], "q1": [5.0, 20.0, 40.0], "q2": [15.0, 25.0, 42.0]}
+    groups = {"c1": "content", "c2": "content", "q1": "quality", "q2": "quality"}
+    sens = make_sensitivity(scores, groups)
+    shapes = {n: LayerShape(64, 64) for n in scores}
+    joint = allocate_bits(sens, shapes, CANDS, 4.0)
+    losses = normalized_losses(sens, list(shapes), CANDS, Candidate(4, 8))
+    for share in (0.25, 0.5, 0.75):
+        split = allocate_bits(sens, shapes, CANDS, 4.0, content_share=share)
+        # 4 equal layers at an average of 4 bits: 16 bits per weight position, shared between the groups.
+        assert sum(split.choice[n].w_bits for n in ("c1", "c2")) <= share * 16 + 1e-9
+        assert sum(split.choice[n].w_bits for n in ("q1", "q2")) <= (1 - share) * 16 + 1e-9
+        # Brute force over the split constraints gives the same objective.
+        best = min(
+            sum(losses[i, k] for i, k in enumerate(combo))
+            for combo in itertools.product(range(len(CANDS)), repeat=4)
+            if sum(CANDS[k].w_bits for k in combo[:2]) <= share * 16 + 1e-9
+            and sum(CANDS[k].w_bits for k in combo[2:]) <= (1 - share) * 16 + 1e-9
+        )
+        assert split.objective == pytest.approx(best)
+        assert joint.objective <= split.objective + 1e-12  # the joint program is never worse on its objective
+    with pytest.raises(InfeasibleBudgetError, match="content_share=0.1 leaves the content layers"):
+        allocate_bits(sens, shapes, CANDS, 4.0, content_share=0.1)
+    with pytest.raises(ValueError, match="fraction between 0 and 1"):
+        allocate_bits(sens, shapes, CANDS, 4.0, content_share=1.0)
