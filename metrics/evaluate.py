@@ -12,6 +12,10 @@ On CPU, ranks started by torchrun join a gloo group: ``torchrun --nproc_per_node
 diffq.metrics.evaluate ...``, or ``CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu
 --num_processes 2 -m ...``. (``accelerate launch --cpu`` in accelerate 1.x starts one process
 whatever ``--num_processes`` says; the runner then simply runs single-process.)
+
+Other quantizers (``benchmarks/quality.py`` compares optimum-quanto and torchao) join the same run
+through ``evaluate(..., methods={name: fn})``: each ``fn`` quantizes the freshly loaded pipeline in
+place and is scored on the same prompts and seeds as the presets.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,7 +43,11 @@ DEFAULT_MODEL = "digits-sd"
 GRID_COLUMNS = 10
 
 
-PRESET_OPTIONS = {"rank": int, "activations": str, "budget": float}
+PRESET_OPTIONS = {"rank": int, "activations": str, "budget": float, "sensitivity": str}
+
+Method = Callable[[Any], int | None]
+"""An extra quantizer for :func:`evaluate`: quantizes the pipeline it is given in place and returns
+its denoiser's weight bytes, or ``None`` to have them counted by :func:`diffq.weight_bytes`."""
 
 
 def preset_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -64,7 +72,8 @@ def parse_presets(presets: str | Sequence[str]) -> list[str]:
     """Split ``"fp,w8a8"`` (or a list), drop blanks and repeats, and check every name is a preset.
 
     A preset may carry options for ``diffq.quantize`` after a colon, ``;``-separated:
-    ``w4a4:rank=0``, ``mixed:budget=3.5``, ``w8a8-rtn:activations=dynamic``.
+    ``w4a4:rank=0``, ``mixed:budget=3.5``, ``w8a8-rtn:activations=dynamic``,
+    ``w3.5a8:sensitivity=sens.json`` (a saved sensitivity analysis for mixed precision).
     """
     import diffq
 
@@ -137,6 +146,7 @@ def evaluate(
     classifier: torch.nn.Module | None = None,
     pipeline_factory: Callable[[str], Any] | None = None,
     device: str | torch.device | None = None,
+    methods: Mapping[str, Method] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``presets`` of ``model`` on ``num_images`` prompts; returns the report dict.
 
@@ -147,6 +157,12 @@ def evaluate(
     replaces ``diffq.load`` (tests); ``classifier`` replaces the bundled digit classifier; CLIP
     score is computed only when ``clip_model`` and ``clip_weights`` are given. In a distributed run
     every process returns the same report.
+
+    ``methods`` adds other quantizers, scored like the presets and listed after them: each is
+    called with a freshly loaded pipeline, quantizes it in place and returns its denoiser's weight
+    bytes (``None``: :func:`diffq.weight_bytes` counts them). Their rows carry an ``"error"`` key:
+    ``None``, or the error a method raised while quantizing or generating, with every metric
+    ``None`` — a method that cannot run is reported, not dropped, and the run goes on.
     """
     import diffq
     from diffq.pipelines import denoiser_of
@@ -162,6 +178,14 @@ def evaluate(
             "CLIP score needs both clip_model and clip_weights (a file or a cached tag)."
         )
     listed = parse_presets(presets)
+    extra = dict(methods or {})
+    for name, method in extra.items():
+        if not isinstance(name, str) or not name.strip() or name == FP or name in listed:
+            raise EvaluationInputError(
+                f"method name {name!r} must be a non-empty string that is not 'fp' or a listed preset."
+            )
+        if not callable(method):
+            raise EvaluationInputError(f"method {name!r} is not callable; pass a function of the pipeline.")
     prompt_list, digits = resolve_prompts(model, num_images, prompts_file=prompts_file, prompts=prompts)
     kwargs = {**default_call_kwargs(model), **(call_kwargs or {})}
     if steps is not None:
@@ -186,30 +210,50 @@ def evaluate(
     shard = shard_batches(num_images, batch_size, state.process_index, state.num_processes)
     images: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
-    for preset in run_order:
+    for preset in run_order + list(extra):
         with _loading_bars(progress and main):
             pipe = factory(model)
         if device.type != "cpu":
             pipe.to(device)
-        if preset != FP:
-            name, options = preset_spec(preset)
-            diffq.quantize(pipe, name, progress=progress and main, **options)
-        weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)))
-        local, seconds = generate_images(
-            pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main, desc=preset
-        )
+        error = None
+        if preset in extra:
+            try:
+                measured = extra[preset](pipe)
+                weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)) if measured is None else measured)
+                local, seconds = generate_images(
+                    pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main,
+                    desc=preset,
+                )
+            except Exception as err:  # another library's failure is a result, not a crash
+                error, local, seconds = " ".join(f"{type(err).__name__}: {err}".split()), {}, 0.0
+        else:
+            if preset != FP:
+                name, options = preset_spec(preset)
+                diffq.quantize(pipe, name, progress=progress and main, **options)
+            weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)))
+            local, seconds = generate_images(
+                pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main, desc=preset
+            )
         del pipe
         gc.collect()
         gathered, all_seconds = gather_objects(list(local.items()), state), gather_objects([seconds], state)
-        if main:
+        errors = [e for e in gather_objects([error], state) if e is not None]
+        if main and errors:
+            info[preset] = {"weight_bytes": None, "seconds": None, "error": errors[0]}
+        elif main:
             images[preset] = _stack(dict(gathered), num_images)
             info[preset] = {"weight_bytes": weight_bytes, "seconds": round(max(all_seconds), 3)}
+            if preset in extra:
+                info[preset]["error"] = None
 
     report: dict[str, Any] | None = None
     if main:
         assert scorers is not None
         results = {}
-        for p in listed:
+        for p in listed + list(extra):
+            if p not in images:  # a method that failed: its error, no metrics
+                results[p] = dict.fromkeys(_METRICS) | info[p]
+                continue
             reference = images[FP] if p != FP else None
             results[p] = scorers.score(images[p], reference, prompt_list, digits) | info[p]
         report = {
@@ -222,10 +266,14 @@ def evaluate(
             from diffq.metrics.report import write_report
 
             notes = _notes(scorers.num_real, tuple(images[FP].shape[-2:]), seed, state.num_processes)
-            write_report(out_dir, report, {p: images[p][:GRID_COLUMNS] for p in listed}, notes)
+            grid = {p: images[p][:GRID_COLUMNS] for p in results if p in images}
+            write_report(out_dir, report, grid, notes)
     report = broadcast_object(report, state)
     assert report is not None
     return report
+
+
+_METRICS = ("fid", "alignment", "clip_score", "psnr_vs_fp", "ssim_vs_fp")
 
 
 def _notes(num_real: int, size: tuple[int, ...], seed: int, num_processes: int) -> list[str]:

@@ -65,14 +65,17 @@ def render_markdown(report: dict[str, Any], notes: list[str] | None = None) -> s
         "| preset | FID ↓ | alignment ↑ | CLIP score ↑ | PSNR vs fp (dB) ↑ | SSIM vs fp ↑ | denoiser weights (MiB) | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    failed = []
     for preset, r in report["results"].items():
-        mib = r["weight_bytes"] / 2**20
+        if r.get("error"):
+            failed.append(f"`{preset}` did not run: {r['error']}")
+        mib = None if r["weight_bytes"] is None else r["weight_bytes"] / 2**20
         lines.append(
             f"| {preset} | {_fmt(r['fid'], '.4g')} | {_fmt(r['alignment'])} | {_fmt(r['clip_score'], '.2f')} | "
-            f"{_fmt(r['psnr_vs_fp'], '.2f')} | {_fmt(r['ssim_vs_fp'])} | {mib:.2f} | {_fmt(r['seconds'], '.1f')} |"
+            f"{_fmt(r['psnr_vs_fp'], '.2f')} | {_fmt(r['ssim_vs_fp'])} | {_fmt(mib, '.2f')} | {_fmt(r['seconds'], '.1f')} |"
         )
-    if notes:
-        lines += [""] + [f"- {n}" for n in notes]
+    if failed or notes:
+        lines += [""] + [f"- {n}" for n in failed + list(notes or [])]
     return "\n".join(lines) + "\n"
 
 

@@ -227,3 +227,45 @@ def test_cli_end_to_end_on_a_local_pipeline_folder(tmp_path, monkeypatch, capsys
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == str(tmp_path / "model") and report["num_images"] == 3
     assert report["results"]["fp"]["alignment"] in (0.0, 0.5, 1.0)  # two of three prompts name a digit
+
+
+def test_methods_are_scored_beside_the_presets(tmp_path):
+    """Other quantizers join the run on the same prompts and seeds; one that fails is a row with its error."""
+    seen = []
+
+    def same_as_preset(pipe):
+        seen.append(type(pipe).__name__)
+        diffq.quantize(pipe, "w8a16-rtn", progress=False)
+        return None  # diffq.weight_bytes counts
+
+    def own_count(pipe):
+        diffq.quantize(pipe, "w8a16-rtn", progress=False)
+        return 12345
+
+    def broken(pipe):
+        raise ValueError("no kernel\nfor this layer")
+
+    methods = {"same": same_as_preset, "counted": own_count, "broken": broken}
+    report = tiny_eval(str(tmp_path), ["w8a16-rtn"], 2, methods=methods)
+    rows = report["results"]
+    assert list(rows) == ["w8a16-rtn", "same", "counted", "broken"]
+    assert seen == ["StableDiffusionPipeline"]  # a freshly loaded pipeline, once
+    assert "error" not in rows["w8a16-rtn"] and rows["same"]["error"] is None
+    for key in ("psnr_vs_fp", "ssim_vs_fp", "fid", "alignment", "weight_bytes"):
+        assert rows["same"][key] == rows["w8a16-rtn"][key]  # same quantizer, prompts and seeds: same numbers
+    assert rows["counted"]["weight_bytes"] == 12345
+    assert rows["broken"] == {**dict.fromkeys(RESULT_KEYS), "error": "ValueError: no kernel for this layer"}
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| broken | – |" in markdown and "`broken` did not run: ValueError: no kernel for this layer" in markdown
+    assert (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("methods", "match"),
+    [({"fp": lambda pipe: None}, "method name"), ({"w8a16": lambda pipe: None}, "method name"),
+     ({"": lambda pipe: None}, "method name"), ({"x": "not a function"}, "not callable")],
+)
+def test_bad_methods_are_rejected_early(methods, match):
+    with pytest.raises(EvaluationInputError, match=match):
+        evaluate("tiny-sd", ["w8a16"], 2, prompts=PROMPTS, pipeline_factory=_never, methods=methods)
