@@ -215,25 +215,22 @@ def evaluate(
             pipe = factory(model)
         if device.type != "cpu":
             pipe.to(device)
-        error = None
-        if preset in extra:
-            try:
+        error, measured = None, None
+        try:
+            if preset in extra:
                 measured = extra[preset](pipe)
-                weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)) if measured is None else measured)
-                local, seconds = generate_images(
-                    pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main,
-                    desc=preset,
-                )
-            except Exception as err:  # another library's failure is a result, not a crash
-                error, local, seconds = " ".join(f"{type(err).__name__}: {err}".split()), {}, 0.0
-        else:
-            if preset != FP:
+            elif preset != FP:
                 name, options = preset_spec(preset)
                 diffq.quantize(pipe, name, progress=progress and main, **options)
-            weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)))
+            weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)) if measured is None else measured)
             local, seconds = generate_images(
                 pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main, desc=preset
             )
+        except Exception as err:
+            if preset not in extra:
+                raise
+            # another library's failure is a result, not a crash
+            error, local, seconds = " ".join(f"{type(err).__name__}: {err}".split()), {}, 0.0
         del pipe
         gc.collect()
         gathered, all_seconds = gather_objects(list(local.items()), state), gather_objects([seconds], state)
