@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffq.convert import layer_columns
 from diffq.plan import LayerConfig
 
 from common import DEFAULT_RESULTS, machine, machine_line, markdown, mib, write_results
@@ -148,10 +149,6 @@ def _own_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
 
 
-def _layer_columns(module: nn.Module) -> int:
-    return module.weight[0].numel()
-
-
 # --- diffq -----------------------------------------------------------------------------------------
 
 
@@ -162,7 +159,7 @@ def diffq_layer_bytes(module: nn.Module, config: LayerConfig) -> int:
     from diffq.formats import packed_cols
 
     dt = module.weight.element_size()
-    rows, cols = module.weight.shape[0], _layer_columns(module)
+    rows, cols = module.weight.shape[0], layer_columns(module)
     blocks = 1 if config.w_group_size is None else cols // config.w_group_size
     total = rows * packed_cols(cols, config.w_bits) + rows * blocks * dt
     if not config.w_symmetric:
@@ -254,7 +251,7 @@ def mixed_bound(model: nn.Module, preset: str, text_bos: bool = True, budget: fl
     total = stored_bytes(model)
     params = 0
     for name, module in layers.items():
-        rows, cols = module.weight.shape[0], _layer_columns(module)
+        rows, cols = module.weight.shape[0], layer_columns(module)
         overhead = 0
         for candidate in recipe.candidates:
             if candidate.rank and not isinstance(module, nn.Linear):

@@ -152,21 +152,14 @@ def time_diffq(model: nn.Module, preset: str, inputs: Sequence[Mapping[str, Any]
     """Quantize ``model`` in place with a diffq preset, as ``diffq.quantize`` does for a bare module,
     timing calibration, allocation and conversion apart."""
     import diffq
-    from diffq.calibration import ActivationObserver
+    from diffq.api import _calibrate_module  # what diffq.quantize runs for a bare module
     from diffq.pipelines.adapters import adapter_for
-    from diffq.pipelines.patching import install_timestep_hook
 
     recipe = diffq.get_preset(preset)
     layers, _ = adapter_for(model).layers(model)
     phases: dict[str, float] = {}
     start = _now()
-    stats = None
-    if recipe.needs_calibration():
-        install_timestep_hook(model)
-        observer = ActivationObserver(layers)
-        with observer.observe() as stats, torch.no_grad():
-            for kwargs in inputs:
-                model(**kwargs)
+    stats = _calibrate_module(model, layers, list(inputs), False, preset) if recipe.needs_calibration() else None
     phases["calibration"] = _now() - start
     sensitivity = synthetic_sensitivity(model, preset) if recipe.is_mixed else None
     start = _now()
