@@ -4,9 +4,8 @@
         [--out benchmarks/results/bits_curve]
 
 Reads the ``report.json`` that ``diffq eval`` wrote into each folder. Mixed-precision rows are the
-presets named ``w<bits>a8`` with a fractional or non-uniform budget (``w3a8``, ``w3.5a8``,
-``w4.0a8``, ...); the uniform ``w4a8`` and ``w8a8`` (and their ``-rtn`` baselines) are the points
-they are compared with. Average weight bits are counted as the allocator counts them: code bits
+mixed presets with 8-bit activations (``w3a8``, ``w3.5a8``, ``w4.0a8``, ...); the uniform ``a8``
+presets (``w4a8``, ``w8a8``, and their ``-rtn`` baselines) are the points they are compared with. Average weight bits are counted as the allocator counts them: code bits
 over the quantized parameters, a 16-bit low-rank branch included, scales not (a uniform ``w4a8``
 is 4.0). Writes ``results.md``, ``results.json`` and ``bits_curve.png`` (PSNR vs fp and FID
 against average weight bits, one line per model) to ``--out``.
@@ -16,27 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from common import DEFAULT_RESULTS, markdown, write_results
 
-MIXED = re.compile(r"w(\d+(?:\.\d+)?)a8")
-UNIFORM = {"w4a8": 4.0, "w8a8": 8.0, "w4a8-rtn": 4.0, "w8a8-rtn": 8.0}
-
 
 def curve_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per mixed or uniform ``a8`` preset of a report, sorted by kind and bits."""
+    """One row per ``a8`` preset of a report (mixed, uniform and ``-rtn``), sorted by kind and bits."""
     import diffq
 
     rows = []
     for preset, result in report["results"].items():
-        if preset in UNIFORM:
-            kind, bits = ("rtn" if preset.endswith("-rtn") else "uniform"), UNIFORM[preset]
-        elif (match := MIXED.fullmatch(preset)) and diffq.get_preset(preset).is_mixed:
-            kind, bits = "mixed", float(match[1])
+        if preset == "fp" or ":" in preset:  # presets with options are not points of the curve
+            continue
+        recipe = diffq.get_preset(preset)
+        if recipe.is_mixed and all(c.a_bits == 8 for c in recipe.candidates):
+            kind, bits = "mixed", recipe.budget
+        elif not recipe.is_mixed and recipe.layer.a_bits == 8:
+            kind, bits = ("rtn" if preset.endswith("-rtn") else "uniform"), float(recipe.layer.w_bits)
         else:
             continue
         rows.append({"model": report["model"], "preset": preset, "kind": kind, "bits": bits,
