@@ -27,22 +27,37 @@ MODELS = ["digits-sd", "digits-dit"]
 SHARES = [round(0.1 * k, 1) for k in range(1, 10)]
 
 
-def split_method(preset: str, share: float) -> Callable[[Any], None]:
-    """Quantize a pipeline like ``diffq.quantize(pipe, preset)`` but with the budget split at ``share``."""
+class SplitMethods:
+    """``split_method(share)`` quantizes a pipeline like ``diffq.quantize(pipe, preset)`` but with the
+    budget split at ``share``. Calibration and the sensitivity analysis (``quantize()``'s own, from
+    the same cache entry) run once, on the first pipeline, and serve every share: the pipelines are
+    fresh loads of the same float model."""
 
-    def apply(pipe: Any) -> None:
+    def __init__(self, preset: str) -> None:
+        self.preset = preset
+        self.measured: tuple[Any, Any] | None = None
+
+    def _measure(self, pipe: Any) -> tuple[Any, Any]:
         import diffq
         from diffq.pipelines.calibrate import default_prompts
 
-        recipe = diffq.get_preset(preset)
-        stats = diffq.calibrate(pipe, progress=False)  # what quantize() calibrates with by default
-        sensitivity = diffq.sensitivity(pipe, stats, list(recipe.candidates), default_prompts(pipe)[:4],
-                                        progress=False)  # quantize()'s analysis: the same cache entry
-        plan = diffq.allocate(pipe, stats, preset=preset, sensitivity=sensitivity, content_share=share,
-                              progress=False)
-        diffq.convert(pipe, plan, stats, progress=False)
+        if self.measured is None:
+            candidates = list(diffq.get_preset(self.preset).candidates)
+            stats = diffq.calibrate(pipe, progress=False)  # what quantize() calibrates with by default
+            sensitivity = diffq.sensitivity(pipe, stats, candidates, default_prompts(pipe)[:4], progress=False)
+            self.measured = stats, sensitivity
+        return self.measured
 
-    return apply
+    def split_method(self, share: float) -> Callable[[Any], None]:
+        def apply(pipe: Any) -> None:
+            import diffq
+
+            stats, sensitivity = self._measure(pipe)
+            plan = diffq.allocate(pipe, stats, preset=self.preset, sensitivity=sensitivity, content_share=share,
+                                  progress=False)
+            diffq.convert(pipe, plan, stats, progress=False)
+
+        return apply
 
 
 def content_fraction(model: str) -> float:
@@ -75,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     sections, data = [], {"machine": machine_line(), "budget": args.budget, "models": {}}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        methods = {f"split-{s:g}": split_method(preset, s) for s in shares}
+        splits = SplitMethods(preset)
+        methods = {f"split-{s:g}": splits.split_method(s) for s in shares}
         report = evaluate(model, ["fp", preset], args.num_images, out_dir=out / model, seed=args.seed,
                           methods=methods, progress=not args.no_progress)
         rows = []
