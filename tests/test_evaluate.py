@@ -169,9 +169,12 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_evaluate import tiny_eval\n"
         "from diffq.distributed import process_state\n"
-        "assert process_state().num_processes == 2, 'not a 2-process group'\n"
+        "state = process_state()\n"
+        "assert state.num_processes == 2, 'not a 2-process group'\n"
         "report = tiny_eval(sys.argv[1], ['fp', 'w8a16'], 6)\n"
-        "print('REPORT ' + json.dumps(report), flush=True)\n"
+        # One file per process: two processes printing to one pipe can interleave their lines.
+        "with open(f'{sys.argv[2]}/returned-{state.process_index}.json', 'w') as f:\n"
+        "    json.dump(report, f)\n"
     )
     # `--cpu` makes accelerate 1.x use its single-process launcher; `--multi_gpu` with no visible GPU
     # starts torchrun, and the runner joins the processes in a gloo group on CPU.
@@ -179,11 +182,11 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(script), str(tmp_path / "two"),
+        "--main_process_port", str(_free_port()), str(script), str(tmp_path / "two"), str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("returned-*.json"))]
     assert len(reports) == 2 and reports[0] == reports[1]  # every process returns the main one's report
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two == reports[0]
