@@ -20,6 +20,7 @@ from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_name, denois
 from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts
 from diffq.pipelines.loading import default_checkpoint, load_pipeline, resolve_model
 from diffq.pipelines.patching import install_timestep_hook
+from diffq.pipelines.plan_check import keep_better_than_uniform
 from diffq.pipelines.sensitivity import fingerprint, measure_sensitivity
 from diffq.pipelines.serialization import (
     attach_plan,
@@ -99,6 +100,10 @@ def allocate(
     budget: float | None = None,
     sensitivity: Sensitivity | str | os.PathLike | None = None,
     content_share: float | None = None,
+    check: bool = True,
+    prompts: Sequence[str] | None = None,
+    num_inference_steps: int = 8,
+    call_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> QuantPlan:
@@ -109,7 +114,10 @@ def allocate(
     precision (``preset="mixed", budget=4.0`` or ``preset="w3.5a8"``) solves an integer program on
     ``sensitivity`` (from :func:`sensitivity`, or its saved file) for the bits of each layer, jointly
     over both metric groups, or — with ``content_share`` — MixDQ's split: the content layers get that
-    fraction of the bit budget and the quality layers the rest.
+    fraction of the bit budget and the quality layers the rest. With a pipeline and ``check``, the
+    solved plan is then compared end to end with the best uniform plan within the budget, on
+    ``prompts`` (default: the first four calibration prompts) at ``num_inference_steps`` with
+    ``call_kwargs``, and the one closer to full precision is returned (see its ``note``).
     ``overrides`` replace fields of a uniform preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
     """
     bare = not _is_pipeline(target)
@@ -118,10 +126,18 @@ def allocate(
     layers, kept = adapter.layers(model)
     if sensitivity is not None and not isinstance(sensitivity, Sensitivity):
         sensitivity = Sensitivity.load(sensitivity)
-    return build_plan(
-        get_preset(preset), layers, kept, stats, adapter.concat_splits(model), progress=progress,
-        sensitivity=sensitivity, budget=budget, content_share=content_share, **overrides,
+    recipe, splits = get_preset(preset), adapter.concat_splits(model)
+    plan = build_plan(
+        recipe, layers, kept, stats, splits, progress=progress, sensitivity=sensitivity, budget=budget,
+        content_share=content_share, **overrides,
     )
+    if recipe.is_mixed and check and not bare:
+        probe_prompts = list(prompts) if prompts is not None else default_prompts(target)[:4]
+        plan = keep_better_than_uniform(
+            target, recipe, plan, layers, kept, stats, sensitivity, budget, splits, probe_prompts,
+            num_inference_steps, progress=progress, **dict(call_kwargs or {}),
+        )
+    return plan
 
 
 def sensitivity(
@@ -226,6 +242,7 @@ def quantize(
     budget: float | None = None,
     sensitivity: Sensitivity | str | os.PathLike | None = None,
     components: Sequence[str] | None = None,
+    check: bool = True,
     progress: bool = True,
     load_kwargs: Mapping[str, Any] | None = None,
     **calibration_kwargs: Any,
@@ -249,6 +266,9 @@ def quantize(
         components: pipeline components to quantize (default: the denoiser). Others, such as
             ``"text_encoder"`` or ``"text_encoder_2"`` (T5 in Flux/SD3/PixArt), are quantized
             weight-only with the preset's weight bits.
+        check: mixed precision only: generate the calibration prompts with the solved plan and
+            with the best uniform plan within the budget, and keep the one closer to full
+            precision (the plan's ``note`` says which, with both scores).
         progress: show progress bars.
         load_kwargs: passed to ``from_pretrained`` when diffq loads the pipeline.
         calibration_kwargs: passed to the pipeline call during calibration (``height``, ...).
@@ -293,21 +313,26 @@ def quantize(
     if recipe.is_mixed:
         if not is_pipe:
             raise UnsupportedTargetError("mixed precision measures images: pass a pipeline, not a bare module.")
+        probe_prompts = (
+            list(calibration)[:4] if calibration is not None and not isinstance(calibration, CalibrationStats)
+            else default_prompts(resolved)[:4]
+        )
         if sensitivity is None:
-            prompts = (
-                list(calibration)[:4] if calibration is not None and not isinstance(calibration, CalibrationStats)
-                else default_prompts(resolved)[:4]
-            )
             sensitivity = _measure_sensitivity(
-                resolved, stats, recipe.candidates, prompts, num_inference_steps=num_calibration_steps,
+                resolved, stats, recipe.candidates, probe_prompts, num_inference_steps=num_calibration_steps,
                 progress=progress, **calibration_kwargs,
             )
         elif not isinstance(sensitivity, Sensitivity):
             sensitivity = Sensitivity.load(sensitivity)
+    splits = adapter.concat_splits(denoiser)
     plan = build_plan(
-        recipe, layers, kept, stats, adapter.concat_splits(denoiser), progress=progress,
-        sensitivity=sensitivity, budget=budget, **overrides,
+        recipe, layers, kept, stats, splits, progress=progress, sensitivity=sensitivity, budget=budget, **overrides,
     )
+    if recipe.is_mixed and check:
+        plan = keep_better_than_uniform(
+            resolved, recipe, plan, layers, kept, stats, sensitivity, budget, splits, probe_prompts,
+            num_calibration_steps, progress=progress, **calibration_kwargs,
+        )
     convert(resolved, plan, stats, progress=progress)
     for name in extra_components:
         quantize_weights_only(getattr(resolved, name), recipe, progress=progress)

@@ -11,6 +11,10 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = "digits-sd"
+NO_CHECK_HELP = (
+    "mixed precision: keep the integer program's plan without checking it end to end against the "
+    "uniform plan within the budget"
+)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -45,7 +49,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fp_bytes = diffq.weight_bytes(pipe)
     prompts = _read_prompts(args.prompts)
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
-                   progress=not args.no_progress)
+                   check=not args.no_check, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     diffq.save(pipe, out)
@@ -174,7 +178,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     )
     preset = args.preset or "mixed"
     plan = diffq.allocate(pipe, stats, preset=preset, budget=args.budget if preset == "mixed" else None,
-                          sensitivity=sens, progress=not args.no_progress)
+                          sensitivity=sens, check=not args.no_check, prompts=prompts[:4] if prompts else None,
+                          num_inference_steps=args.steps, call_kwargs=call, progress=not args.no_progress)
     print(plan.table())
     if args.out:
         out = Path(args.out)
@@ -225,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to write the quantized pipeline to")
     q.add_argument("--prompts", help="calibration prompts, one per line")
     q.add_argument("--calibration-steps", type=int, default=8)
+    q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
@@ -286,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sensitivity", help="a sensitivity JSON from `diffq sensitivity` (else measured, cached)")
     a.add_argument("--plot", help="folder for bits_per_layer.png")
     a.add_argument("--out", help="write the QuantPlan JSON here")
+    a.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     pipeline_call_flags(a)
     a.set_defaults(func=cmd_allocate)
 

@@ -140,11 +140,48 @@ def mixed_plan(
     shapes = {n: layer_shape(m) for n, m in layers.items()}
     candidates = measured_candidates(sensitivity, shapes, recipe.candidates)
     allocation = allocate_bits(sensitivity, shapes, candidates, budget, content_share=content_share)
+    return _plan_choices(recipe, layers, kept, stats, allocation.choice, splits, progress)
+
+
+def uniform_alternative(
+    recipe: Recipe,
+    layers: dict[str, nn.Module],
+    kept: dict[str, str],
+    stats: CalibrationStats,
+    sensitivity: Sensitivity,
+    budget: float | None,
+    splits: dict[str, int] | None = None,
+) -> tuple[Candidate, QuantPlan] | None:
+    """The uniform plan a mixed recipe's integer program could also have chosen: the candidate
+    without a low-rank branch that the analysis measured, fits ``budget`` and has the most weight
+    bits (then activation bits), given to every layer. ``None`` when no such candidate fits."""
+    budget = budget if budget is not None else recipe.budget
+    shapes = {n: layer_shape(m) for n, m in layers.items()}
+    fitting = [
+        c for c in measured_candidates(sensitivity, shapes, recipe.candidates)
+        if c.rank == 0 and budget is not None and c.w_bits <= budget + 1e-9
+    ]
+    if not fitting:
+        return None
+    best = max(fitting, key=lambda c: (c.w_bits, c.a_bits or 16))
+    return best, _plan_choices(recipe, layers, kept, stats, dict.fromkeys(layers, best), splits, progress=False)
+
+
+def _plan_choices(
+    recipe: Recipe,
+    layers: dict[str, nn.Module],
+    kept: dict[str, str],
+    stats: CalibrationStats,
+    choice: dict[str, Candidate],
+    splits: dict[str, int] | None,
+    progress: bool,
+) -> QuantPlan:
+    """A plan with each layer's chosen candidate, tuned from ``stats`` like the calibrated presets."""
     options = recipe.calibration or CalibrationOptions()
     splits = splits or {}
     planned = {}
     for name, module in tqdm(layers.items(), desc="diffq: planning layers", disable=not progress):
-        config = resolve_config(module, candidate_config(allocation.choice[name]))
+        config = resolve_config(module, candidate_config(choice[name]))
         planned[name] = plan_layer(name, module, config, options, stats, splits.get(name))
     return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(kept))
 

@@ -43,7 +43,15 @@ DEFAULT_MODEL = "digits-sd"
 GRID_COLUMNS = 10
 
 
-PRESET_OPTIONS = {"rank": int, "activations": str, "budget": float, "sensitivity": str}
+def _flag(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+PRESET_OPTIONS = {"rank": int, "activations": str, "budget": float, "sensitivity": str, "check": _flag}
 
 Method = Callable[[Any], int | None]
 """An extra quantizer for :func:`evaluate`: quantizes the pipeline it is given in place and returns
@@ -73,7 +81,8 @@ def parse_presets(presets: str | Sequence[str]) -> list[str]:
 
     A preset may carry options for ``diffq.quantize`` after a colon, ``;``-separated:
     ``w4a4:rank=0``, ``mixed:budget=3.5``, ``w8a8-rtn:activations=dynamic``,
-    ``w3.5a8:sensitivity=sens.json`` (a saved sensitivity analysis for mixed precision).
+    ``w3.5a8:sensitivity=sens.json`` (a saved sensitivity analysis for mixed precision),
+    ``w4.0a8:check=false`` (the integer program's plan without the end-to-end check).
     """
     import diffq
 

@@ -69,6 +69,16 @@ def _clone(value: Any) -> Any:
     return value
 
 
+@torch.no_grad()
+def final_images(pipe: Any, prompts: Sequence[str], steps: int, seed: int, call_kwargs: dict) -> torch.Tensor:
+    """The pipeline's images for ``prompts`` (prompt i with seed ``seed + i``), float in [0, 1]."""
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    out = pipe(**conditioning(pipe, list(prompts)), num_inference_steps=steps, generator=generators,
+               output_type="pt", **call_kwargs)
+    images = out.images if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images)
+    return images.float().clamp(0, 1)
+
+
 class _Reference:
     """The float run: final images and every denoiser call with its output."""
 
@@ -95,13 +105,8 @@ class _Reference:
             for handle in handles:
                 handle.remove()
 
-    @torch.no_grad()
     def generate(self) -> torch.Tensor:
-        generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))]
-        out = self.pipe(**conditioning(self.pipe, self.prompts), num_inference_steps=self.steps,
-                        generator=generators, output_type="pt", **self.call_kwargs)
-        images = out.images if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images)
-        return images.float().clamp(0, 1)
+        return final_images(self.pipe, self.prompts, self.steps, self.seed, self.call_kwargs)
 
     @torch.no_grad()
     def sqnr(self, denoiser: nn.Module) -> float:

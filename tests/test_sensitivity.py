@@ -163,3 +163,47 @@ def test_fingerprint_changes_with_the_calibrated_recipe():
     args = (object(), ["a", "b"], [Candidate(4, 8)], ["a prompt"], 4, 0, {})
     assert fingerprint(*args) == fingerprint(*args, CalibrationOptions())
     assert fingerprint(*args) != fingerprint(*args, CalibrationOptions(smoothing=False))
+
+
+def test_compare_plans_scores_each_plan_and_leaves_the_denoiser_float():
+    from diffq.pipelines.plan_check import compare_plans
+
+    pipe = tiny_pixart_pipeline()
+    kwargs = tiny_call_kwargs(pipe)
+    before = run_tiny(pipe, steps=2)
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:1], num_inference_steps=2, progress=False, **kwargs)
+    plans = {p: diffq.allocate(pipe, stats, preset=p, progress=False) for p in ("w8a8", "w4a4-rtn")}
+    scores = compare_plans(pipe, plans, stats, TINY_PROMPTS[:2], num_inference_steps=2, progress=False, **kwargs)
+    assert scores["w8a8"] > scores["w4a4-rtn"] > 0
+    assert not any(isinstance(m, (diffq.QuantizedLinear, diffq.QuantizedConv2d)) for m in pipe.transformer.modules())
+    np.testing.assert_array_equal(run_tiny(pipe, steps=2), before)
+
+
+def lying_sensitivity(pipe):
+    """Scores that call 2-bit weights free and 4-bit ones ruinous: the program's plan is mostly w2."""
+    layers, _ = adapter_for(pipe.transformer).layers(pipe.transformer)
+    groups = {n: adapter_for(pipe.transformer).group_of(n) for n in layers}
+    scores = {
+        n: {"w2a8": 90.0, "w4a8": 10.0, "w8a8": 90.0} if g == "quality" else {"w2a8": 1.0, "w4a8": 0.5, "w8a8": 1.0}
+        for n, g in groups.items()
+    }
+    return Sensitivity("hand-made", groups, scores)
+
+
+def test_mixed_keeps_the_uniform_plan_when_its_own_plan_is_worse_end_to_end():
+    from diffq.pipelines.plan_check import PlanCheckWarning
+
+    kwargs = tiny_call_kwargs(tiny_pixart_pipeline())
+    common = dict(calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False, **kwargs)
+    unchecked = tiny_pixart_pipeline()
+    diffq.quantize(unchecked, "w4.0a8", sensitivity=lying_sensitivity(unchecked), check=False, **common)
+    assert 2 in {c.w_bits for c in plan_of(unchecked.transformer).layers.values()}
+    assert plan_of(unchecked.transformer).note == ""
+
+    checked = tiny_pixart_pipeline()
+    with pytest.warns(PlanCheckWarning, match="uniform w4a8 kept"):
+        diffq.quantize(checked, "w4.0a8", sensitivity=lying_sensitivity(checked), **common)
+    plan = plan_of(checked.transformer)
+    assert {c.w_bits for c in plan.layers.values()} == {4} and plan.preset == "w4.0a8"
+    assert "dB for the mixed plan" in plan.note and plan.note in plan.table()
+    assert diffq.QuantPlan.from_json(plan.to_json()).note == plan.note
