@@ -13,8 +13,8 @@ real stored formats, layer by layer:
   low-rank branch — on the layers the model's adapter quantizes; the layers it keeps in 16-bit and
   every other parameter or buffer count at 2 bytes. Calibrated presets choose a few per-layer
   extras from calibration statistics (timestep-grouped activation scales, a smoothing vector per
-  Linear, BOS vectors for cross-attention key/value projections); with no statistics here they are
-  counted at their upper bound (4 timestep groups, every Linear smoothed, BOS on every
+  Linear or convolution, BOS vectors for cross-attention key/value projections); with no statistics
+  here they are counted at their upper bound (4 timestep groups, every such layer smoothed, BOS on every
   cross-attention key/value projection of a CLIP-conditioned model): at most 0.25% of any total.
   ``tests/test_benchmarks.py`` checks this arithmetic against :func:`diffq.weight_bytes` on real
   quantized models for every preset.
@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffq.convert import layer_columns
+from diffq.convert import layer_columns, supports_branch
 from diffq.plan import LayerConfig
 
 from common import DEFAULT_RESULTS, machine, machine_line, markdown, mib, write_results
@@ -169,12 +169,11 @@ def diffq_layer_bytes(module: nn.Module, config: LayerConfig) -> int:
         total += (config.a_groups - 1) * 4 if config.a_groups > 1 else 0
     if module.bias is not None:
         total += rows * dt
-    if isinstance(module, nn.Linear):
-        if config.smooth_alpha is not None:
-            total += module.in_features * dt
-        if config.bos:
-            total += (module.in_features + module.out_features) * dt
-        total += config.rank * (module.in_features + module.out_features) * dt
+    if config.smooth_alpha is not None:  # one factor per input channel
+        total += (module.in_features if isinstance(module, nn.Linear) else module.in_channels) * dt
+    if isinstance(module, nn.Linear) and config.bos:
+        total += (module.in_features + module.out_features) * dt
+    total += config.rank * (cols + rows) * dt
     return total
 
 
@@ -206,8 +205,9 @@ def _with_upper_bound_extras(
         changes["a_groups"] = options.timestep_groups
     if isinstance(module, nn.Conv2d) and name in splits and config.a_bits is not None:
         changes["a_split"] = splits[name]
-    if isinstance(module, nn.Linear):
+    if supports_branch(module):
         changes["smooth_alpha"] = 0.5
+    if isinstance(module, nn.Linear):
         changes["bos"] = name in bos
     return replace(config, **changes)
 
@@ -254,12 +254,12 @@ def mixed_bound(model: nn.Module, preset: str, text_bos: bool = True, budget: fl
         rows, cols = module.weight.shape[0], layer_columns(module)
         overhead = 0
         for candidate in recipe.candidates:
-            if candidate.rank and not isinstance(module, nn.Linear):
-                continue  # the allocation gives convolutions no low-rank branch
+            if candidate.rank and not supports_branch(module):
+                continue  # the allocation gives grouped convolutions no low-rank branch
             config = resolve_config(module, candidate_config(candidate))
             config = _with_upper_bound_extras(name, module, config, splits, bos)
             counted = rows * packed_cols(cols, config.w_bits)  # codes: what the budget counts ...
-            counted += 2 * config.rank * (module.in_features + module.out_features) if config.rank else 0  # ... and the branch at 16 bits
+            counted += 2 * config.rank * (cols + rows)  # ... and the branch at 16 bits
             overhead = max(overhead, diffq_layer_bytes(module, config) - counted)
         total += overhead + rows - _own_bytes(module)
         params += module.weight.numel()

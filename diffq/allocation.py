@@ -34,14 +34,15 @@ class InfeasibleBudgetError(DiffQError, ValueError):
 
 @dataclass(frozen=True)
 class LayerShape:
-    """A weight's row length and row count, and whether it may carry a low-rank branch (Linear)."""
+    """A weight's row length and row count, and whether it may carry a low-rank branch (Linear, or
+    Conv2d with groups=1)."""
 
     in_features: int
     out_features: int
-    linear: bool = True
+    branch: bool = True
 
     def allows(self, candidate: Candidate) -> bool:
-        return self.linear or candidate.rank == 0
+        return self.branch or candidate.rank == 0
 
     @property
     def params(self) -> int:

@@ -259,7 +259,8 @@ def quantize(
             :class:`CalibrationStats`, or — for a bare module — a list of forward-kwargs dicts.
         num_calibration_steps: denoising steps per calibration prompt.
         activations: ``"dynamic"`` or ``"static"`` to override the preset's activation scales.
-        rank: rank of the 16-bit low-rank branch on Linear layers (``w4a4`` uses 32; ``0`` = none).
+        rank: rank of the 16-bit low-rank branch on Linear and Conv2d layers (``w4a4`` uses 32;
+            ``0`` = none).
         budget: average weight bits for ``preset="mixed"``.
         sensitivity: a precomputed :class:`Sensitivity` (or its file) for mixed precision;
             otherwise it is measured (and cached, see :func:`sensitivity`).

@@ -24,6 +24,12 @@ def _check_float(layer: nn.Module, name: str = "this layer") -> None:
         raise QuantizationInputError(f"{name} is already quantized; load the float model to quantize it again.")
 
 
+def conv_channel_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """A convolution's weight as ``[out × kh × kw, in]``: one row per output channel and kernel tap,
+    so that per-input-channel statistics (smoothing) read it like a Linear weight."""
+    return conv.weight.detach().float().permute(0, 2, 3, 1).reshape(-1, conv.in_channels)
+
+
 def layer_columns(module: nn.Module) -> int:
     """Length of a weight row: in_features, or in_channels/groups × kernel area."""
     if isinstance(module, nn.Linear):
@@ -33,22 +39,26 @@ def layer_columns(module: nn.Module) -> int:
     raise QuantizationInputError(f"cannot quantize a {type(module).__name__}; only Linear and Conv2d are supported.")
 
 
+def supports_branch(module: nn.Module) -> bool:
+    """Whether a layer can carry smoothing and a low-rank branch: Linear, or Conv2d with groups=1."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
 def resolve_config(module: nn.Module, config: LayerConfig) -> LayerConfig:
-    """Fit a requested config to a layer: a group size that divides its rows (or per channel), and
-    a low-rank branch only on Linear layers, no wider than the layer."""
+    """Fit a requested config to a layer: weight and activation group sizes that divide its rows
+    and input channels (or per channel / per token), and a low-rank branch no wider than the layer
+    and only where :func:`supports_branch`."""
+    cols = layer_columns(module)
     if config.rank:
-        rank = min(config.rank, module.in_features, module.out_features) if isinstance(module, nn.Linear) else 0
+        rank = min(config.rank, cols, module.weight.shape[0]) if supports_branch(module) else 0
         config = replace(config, rank=rank)
+    if config.a_group_size is not None:
+        channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        config = replace(config, a_group_size=largest_group_size(channels, config.a_group_size))
     if config.w_group_size is None:
         return config
-    cols = layer_columns(module)
     size = largest_group_size(cols, config.w_group_size)
-    if size == cols:
-        size = None
-    a_group = config.a_group_size
-    if a_group is not None and isinstance(module, nn.Linear):
-        a_group = largest_group_size(cols, a_group)
-    return replace(config, w_group_size=size, a_group_size=a_group)
+    return replace(config, w_group_size=None if size == cols else size)
 
 
 def quantize_layer(module: nn.Module, config: LayerConfig) -> QuantizedLinear | QuantizedConv2d:
@@ -134,12 +144,23 @@ def convert_model(
             quantized = QuantizedLinear.from_float(layer, config, smooth, clip, bos, lowrank)
             channels = layer.in_features
         elif isinstance(layer, nn.Conv2d):
+            taps = layer.kernel_size[0] * layer.kernel_size[1]
             smooth = None
+            if config.smooth_alpha is not None:
+                smooth = smoothing_vector(stats.channel_absmax(name), conv_channel_weight(layer), config.smooth_alpha)
+            weight2d = layer.weight.float().reshape(layer.out_channels, -1)
+            if smooth is not None:
+                weight2d = weight2d * smooth.repeat_interleave(taps)
+            lowrank = None
+            if config.rank:
+                down, up, weight2d = split_low_rank(weight2d, config.rank)
+                lowrank = (down, up)
             importance = None
             if rows is not None and layer.groups == 1:
-                importance = rows.pow(2).mean(dim=0).repeat_interleave(layer.kernel_size[0] * layer.kernel_size[1])
-            clip = _weight_clip(layer, config, layer.weight.float().reshape(layer.out_channels, -1), importance)
-            quantized = QuantizedConv2d.from_float(layer, config, clip)
+                scaled_rows = rows / (1 if smooth is None else smooth)
+                importance = scaled_rows.pow(2).mean(dim=0).repeat_interleave(taps)
+            clip = _weight_clip(layer, config, weight2d, importance)
+            quantized = QuantizedConv2d.from_float(layer, config, clip, smooth, lowrank)
             channels = layer.in_channels
         else:
             raise QuantizationInputError(

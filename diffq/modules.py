@@ -115,8 +115,8 @@ class _QuantizedWeightMixin(nn.Module):
         if down is not None and up is not None:
             weight = weight + (down.float() @ up.float()).t()
         smooth = getattr(self, "smooth", None)
-        if smooth is not None:
-            weight = weight / smooth.float()
+        if smooth is not None:  # per input channel: repeated over a convolution's kernel taps
+            weight = weight / smooth.float().repeat_interleave(self.cols // smooth.numel())
         return weight.reshape(self.weight_shape).to(self.weight_scale.dtype)
 
     def dequantize_weight(self) -> torch.Tensor:
@@ -272,16 +272,36 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         cols = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         self._init_buffers(out_channels, cols, config, dtype, device)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
+        if (config.smooth_alpha is not None or config.rank) and groups != 1:
+            raise QuantizationInputError("smoothing and the low-rank branch need a convolution with groups=1.")
+        smooth = torch.ones(in_channels, dtype=dtype, device=device) if config.smooth_alpha is not None else None
+        self.register_buffer("smooth", smooth)
+        rank = config.rank
+        self.register_buffer("lowrank_down", torch.zeros(cols, rank, dtype=dtype, device=device) if rank else None)
+        self.register_buffer("lowrank_up", torch.zeros(rank, out_channels, dtype=dtype, device=device) if rank else None)
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, config: LayerConfig, clip_ratio: torch.Tensor | float = 1.0
+        cls,
+        conv: nn.Conv2d,
+        config: LayerConfig,
+        clip_ratio: torch.Tensor | float = 1.0,
+        smooth: torch.Tensor | None = None,
+        lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantizedConv2d:
-        """Quantize a float ``nn.Conv2d`` (zero padding only)."""
+        """Quantize a float ``nn.Conv2d`` (zero padding only; its weights are read, not modified).
+
+        ``smooth`` divides the input per channel and multiplies the weight's input channels
+        (required when ``config.smooth_alpha`` is set); ``lowrank`` is ``(down [cols, r], up [r,
+        out])`` of the smoothed ``[out, cols]`` weight (from an SVD when ``config.rank`` is set and
+        it is not given). As for :class:`QuantizedLinear`, only the residual is quantized.
+        """
         if conv.padding_mode != "zeros":
             raise QuantizationInputError(
                 f"Conv2d with padding_mode={conv.padding_mode!r} is not supported; keep this layer in 16-bit."
             )
+        if (smooth is None) != (config.smooth_alpha is None):
+            raise QuantizationInputError("pass a smoothing vector exactly when config.smooth_alpha is set.")
         weight = conv.weight
         module = cls(
             conv.in_channels,
@@ -296,7 +316,16 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
             weight.dtype,
             weight.device,
         )
-        module._store_weight(weight.float().reshape(conv.out_channels, -1), clip_ratio)
+        weight2d = weight.float().reshape(conv.out_channels, -1)
+        if smooth is not None:
+            module.smooth.copy_(smooth)
+            weight2d = weight2d * module.smooth.float().repeat_interleave(module.cols // conv.in_channels)
+        if config.rank:
+            down, up = lowrank if lowrank is not None else split_low_rank(weight2d, config.rank)[:2]
+            module.lowrank_down.copy_(down)
+            module.lowrank_up.copy_(up)
+            weight2d = weight2d - (module.lowrank_down.float() @ module.lowrank_up.float()).t()
+        module._store_weight(weight2d, clip_ratio)
         if conv.bias is not None:
             module.bias.data.copy_(conv.bias.detach())
         return module
@@ -319,6 +348,10 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
             bias=self.bias,
             act_scale=self.current_act_scale(),
             act_segments=(self.config.a_split,) if self.config.a_split else (),
+            act_group_size=self.config.a_group_size,
+            smooth=self.smooth,
+            lora_down=self.lowrank_down,
+            lora_up=self.lowrank_up,
             **self._weight_kwargs(),
         )
 

@@ -39,7 +39,8 @@ class LayerConfig:
         bos: cross-attention key/value projection whose first (BOS) token is computed in full
             precision from a stored vector; the other tokens are quantized.
         rank: rank of the 16-bit low-rank branch that absorbs weight outliers (SVDQuant); the
-            quantized weight is the residual. ``0`` = no branch. Linear layers only.
+            quantized weight is the residual. ``0`` = no branch. Linear layers and Conv2d with
+            groups=1 (a convolution to ``rank`` channels, then a 1×1 one).
     """
 
     w_bits: int = 8

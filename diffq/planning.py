@@ -3,8 +3,8 @@
 For each quantizable layer: static activations get one scale per *timestep group* when their
 range drifts across steps (``drift >= drift_threshold``), else one scale; convolutions fed by a
 concatenation get a scale per part; cross-attention key/value projections with a constant BOS
-first token compute it in full precision; linear layers get a smoothing strength searched on
-the sampled inputs. Clipping methods are recorded for :mod:`diffq.convert` to apply.
+first token compute it in full precision; linear layers and convolutions get a smoothing strength
+searched on the sampled inputs. Clipping methods are recorded for :mod:`diffq.convert` to apply.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats
-from diffq.convert import resolve_config
+from diffq.convert import conv_channel_weight, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError
 from diffq.modules import weight_format
 from diffq.plan import ClipMethod, LayerConfig, QuantPlan
@@ -59,22 +59,24 @@ def plan_layer(
             changes["a_groups"] = min(options.timestep_groups, len(steps))
     if isinstance(module, nn.Conv2d) and split and options.split_concat and config.a_bits is not None:
         changes["a_split"] = split
-    if isinstance(module, nn.Linear):
-        if options.bos and name in stats.bos:
-            changes["bos"] = True
-        rows = stats.sample(name)
-        if options.smoothing and rows is not None and rows.shape[0] >= 8:
-            changes["smooth_alpha"] = search_alpha(
-                rows,
-                module.weight.detach(),
-                weight_format(config),
-                config.a_bits,
-                stats.channel_absmax(name),
-                dynamic=config.a_mode == "dynamic",
-                candidates=options.alphas,
-                rank=config.rank,
-                a_group_size=config.a_group_size,
-            )
+    if isinstance(module, nn.Linear) and options.bos and name in stats.bos:
+        changes["bos"] = True
+    rows = stats.sample(name)
+    if supports_branch(module) and options.smoothing and rows is not None and rows.shape[0] >= 8:
+        linear = isinstance(module, nn.Linear)
+        # A convolution is searched as the Linear map of each kernel tap (its weight as [out × taps, in]),
+        # without the low-rank branch, whose SVD is of the [out, in × taps] weight.
+        changes["smooth_alpha"] = search_alpha(
+            rows,
+            module.weight.detach() if linear else conv_channel_weight(module),
+            weight_format(config),
+            config.a_bits,
+            stats.channel_absmax(name),
+            dynamic=config.a_mode == "dynamic",
+            candidates=options.alphas,
+            rank=config.rank if linear else 0,
+            a_group_size=config.a_group_size,
+        )
     return replace(config, **changes)
 
 

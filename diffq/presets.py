@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from diffq.allocation import LayerShape, allocate_bits
 from diffq.calibration import CalibrationStats
-from diffq.convert import layer_columns, resolve_config
+from diffq.convert import layer_columns, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError, UnknownPresetError
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.planning import CalibrationOptions, calibrated_plan, plan_layer
@@ -94,7 +94,7 @@ def available_presets() -> list[str]:
 
 
 def layer_shape(module: nn.Module) -> LayerShape:
-    return LayerShape(layer_columns(module), module.weight.shape[0], isinstance(module, nn.Linear))
+    return LayerShape(layer_columns(module), module.weight.shape[0], supports_branch(module))
 
 
 def measured_candidates(

@@ -108,16 +108,18 @@ def quantized_linear(
 
 
 def _fake_quantize_channels(
-    x: torch.Tensor, bits: int, scale: torch.Tensor | None, segments: tuple[int, ...]
+    x: torch.Tensor, bits: int, scale: torch.Tensor | None, segments: tuple[int, ...], group_size: int | None = None
 ) -> torch.Tensor:
-    """Fake-quantize ``[N, C, H, W]`` per pixel (dynamic) or per channel segment (static scales)."""
+    """Fake-quantize ``[N, C, H, W]`` per pixel (dynamic; per pixel and ``group_size`` channels when
+    given) or per channel segment (static scales)."""
     bounds = [0, *segments, x.shape[1]]
     parts = []
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         pixels = x[:, lo:hi].movedim(1, -1)
         flat = pixels.reshape(-1, pixels.shape[-1])
         part_scale = None if scale is None else scale.reshape(-1)[i]
-        parts.append(fake_quantize_activations(flat, bits, part_scale).reshape(pixels.shape).movedim(-1, 1))
+        quantized = fake_quantize_activations(flat, bits, part_scale, group_size)
+        parts.append(quantized.reshape(pixels.shape).movedim(-1, 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -138,29 +140,37 @@ def quantized_conv2d(
     act_bits: int | None = None,
     act_scale: torch.Tensor | None = None,
     act_segments: tuple[int, ...] = (),
+    act_group_size: int | None = None,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """2-D convolution with packed integer weights.
+    """2-D convolution with packed integer weights: ``conv(Q(x / smooth), W) + up(conv(x / smooth,
+    down)) + bias``, the low-rank branch being a convolution to ``r`` channels then a 1×1 one.
 
-    Dynamic activation scales are per pixel. ``act_segments`` are channel indices where the
-    input is split (a concatenation of two tensors); each part is quantized with its own scale
-    (``act_scale[i]`` when static).
+    Dynamic activation scales are per pixel (and ``act_group_size`` channels). ``act_segments``
+    are channel indices where the input is split (a concatenation of two tensors); each part is
+    quantized with its own scale (``act_scale[i]`` when static). ``smooth`` divides the input per
+    channel; ``lora_down`` is ``[in/groups × kh × kw, r]`` (the weight's column order) and
+    ``lora_up`` ``[r, out]``.
     """
     out_channels = weight_shape[0]
     cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
     weight = dequantize_weight(
         qweight, w_scale, w_zero, bits=w_bits, cols=cols, code_offset=w_code_offset
     ).reshape(weight_shape)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
     x32 = x.to(torch.float32)
+    if smooth is not None:
+        x32 = x32 / smooth.to(torch.float32).reshape(1, -1, 1, 1)
+    low_rank = None
+    if lora_down is not None and lora_up is not None:
+        down = lora_down.to(torch.float32).t().reshape(-1, *weight_shape[1:])  # r filters of the weight's shape
+        low_rank = torch.einsum("nrhw,ro->nohw", F.conv2d(x32, down, **geometry), lora_up.to(torch.float32))
     if act_bits is not None:
-        x32 = _fake_quantize_channels(x32, act_bits, act_scale, act_segments)
-    y = F.conv2d(
-        x32,
-        weight,
-        None if bias is None else bias.to(torch.float32),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-    )
+        x32 = _fake_quantize_channels(x32, act_bits, act_scale, act_segments, act_group_size)
+    y = F.conv2d(x32, weight, None if bias is None else bias.to(torch.float32), **geometry)
+    if low_rank is not None:
+        y = y + low_rank
     assert y.shape[1] == out_channels
     return y.to(x.dtype)

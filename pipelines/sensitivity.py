@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats
-from diffq.convert import convert_model, resolve_config
+from diffq.convert import convert_model, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError
 from diffq.pipelines.adapters import adapter_for, denoiser_of
 from diffq.pipelines.calibrate import conditioning, default_call_kwargs
@@ -36,6 +36,9 @@ from diffq.planning import CalibrationOptions, plan_layer
 from diffq.sensitivity import Candidate, Sensitivity, candidate_config
 
 MAX_SQNR_DB = 200.0  # a layer whose error is exactly zero
+# Bumped when diffq changes how a candidate is quantized, so analyses cached before are measured again
+# (2: convolutions got smoothing, the low-rank branch and grouped 4-bit activations).
+QUANTIZER_REVISION = 2
 
 
 def fingerprint(pipe: Any, layers: Sequence[str], candidates: Sequence[Candidate], prompts: Sequence[str],
@@ -46,7 +49,8 @@ def fingerprint(pipe: Any, layers: Sequence[str], candidates: Sequence[Candidate
     source = str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
     payload = json.dumps(
         [source, sorted(layers), [c.label for c in candidates], list(prompts), num_inference_steps, seed,
-         {k: repr(v) for k, v in sorted(call_kwargs.items())}, repr(options or CalibrationOptions())],
+         {k: repr(v) for k, v in sorted(call_kwargs.items())}, repr(options or CalibrationOptions()),
+         QUANTIZER_REVISION],
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -163,8 +167,8 @@ def measure_sensitivity(
     mine = [n for i, n in enumerate(names) if i % count == index]
 
     def pending_of(name: str) -> list[Candidate]:
-        # The low-rank branch exists on Linear layers only; other layers skip those candidates.
-        allowed = [c for c in candidates if c.rank == 0 or isinstance(layers[name], nn.Linear)]
+        # The low-rank branch exists on Linear and groups=1 Conv2d layers; others skip those candidates.
+        allowed = [c for c in candidates if c.rank == 0 or supports_branch(layers[name])]
         return [c for c in allowed if c.label not in result.scores.get(name, {})]
 
     todo = [(n, c) for n in mine for c in pending_of(n)]

@@ -63,7 +63,7 @@ def test_low_rank_branch_counts_in_the_budget_and_only_on_linear_layers():
         "test", {"lin": "quality", "conv": "quality"},
         {"lin": {"w4a8": 10.0, "w4a8r8": 30.0}, "conv": {"w4a8": 10.0}},
     )
-    shapes = {"lin": LayerShape(64, 64), "conv": LayerShape(64, 64, linear=False)}
+    shapes = {"lin": LayerShape(64, 64), "conv": LayerShape(64, 64, branch=False)}
     # rank 8 costs 16 * 8 * (64 + 64) bits = 4 bits per weight of a 64x64 layer: 8 bits on 'lin'.
     roomy = allocate_bits(sens, shapes, cands, 6.0)
     assert roomy.choice == {"lin": cands[1], "conv": cands[0]}

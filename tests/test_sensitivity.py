@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import diffq
 from diffq.allocation import LayerShape
@@ -150,9 +151,14 @@ def test_allocate_cli_uses_the_measured_candidates(sd_folder, tmp_path, capsys):
     assert "smallest feasible budget" in capsys.readouterr().err
 
 
-def test_layer_shape_of_conv_disallows_low_rank():
-    shape = LayerShape(288, 32, linear=False)
+def test_only_grouped_convolutions_disallow_low_rank():
+    from diffq.presets import layer_shape
+
+    shape = LayerShape(288, 32, branch=False)
     assert not shape.allows(Candidate(4, 8, 32)) and shape.allows(Candidate(4, 8))
+    assert layer_shape(torch.nn.Conv2d(32, 64, 3)).allows(Candidate(4, 8, 32))
+    depthwise = layer_shape(torch.nn.Conv2d(32, 32, 3, groups=32))
+    assert not depthwise.allows(Candidate(4, 8, 32)) and depthwise.allows(Candidate(4, 8))
 
 
 def test_fingerprint_changes_with_the_calibrated_recipe():
