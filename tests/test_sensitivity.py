@@ -144,8 +144,13 @@ def test_allocate_cli_uses_the_measured_candidates(sd_folder, tmp_path, capsys):
                  "--plot", str(tmp_path / "plot"), "--out", str(tmp_path / "plan.json"), *common])
     assert code == 0
     plan = diffq.QuantPlan.from_json((tmp_path / "plan.json").read_text())
-    assert {c.w_bits for c in plan.layers.values()} == {2, 8}  # only what was measured
+    assert {c.w_bits for c in plan.layers.values()} <= {2, 8}  # only what was measured
+    assert "dB for the mixed plan" in plan.note  # checked end to end against uniform w2a8
     assert "conv_in" in capsys.readouterr().out  # the table lists kept layers too
+    assert main(["allocate", str(sd_folder), "--budget", "5", "--sensitivity", str(sens_path), "--no-check",
+                 "--out", str(tmp_path / "unchecked.json"), *common]) == 0
+    unchecked = diffq.QuantPlan.from_json((tmp_path / "unchecked.json").read_text())
+    assert {c.w_bits for c in unchecked.layers.values()} == {2, 8} and unchecked.note == ""
     assert (tmp_path / "plot" / "bits_per_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["allocate", str(sd_folder), "--budget", "1", "--sensitivity", str(sens_path), *common]) == 1
     assert "smallest feasible budget" in capsys.readouterr().err
