@@ -168,15 +168,20 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     import diffq
     from diffq.plots import plot_bits
 
+    preset = args.preset or "mixed"
+    if not diffq.get_preset(preset).is_mixed:
+        raise diffq.QuantizationInputError(
+            f"--preset {preset!r} is uniform; allocate chooses bits for mixed precision: pass a budget preset "
+            "such as w3.5a8, or --budget with the default 'mixed'."
+        )
     pipe = diffq.load(args.model)
     call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
     prompts = _read_prompts(args.prompts)
     stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps, progress=not args.no_progress, **call)
-    sens = args.sensitivity or diffq.sensitivity(
-        pipe, stats, None, prompts[:4] if prompts else None, num_inference_steps=args.steps,
-        progress=not args.no_progress, **call,
+    sens = args.sensitivity or diffq.sensitivity(  # only the candidates this preset chooses among
+        pipe, stats, diffq.get_preset(preset).candidates, prompts[:4] if prompts else None,
+        num_inference_steps=args.steps, progress=not args.no_progress, **call,
     )
-    preset = args.preset or "mixed"
     plan = diffq.allocate(pipe, stats, preset=preset, budget=args.budget if preset == "mixed" else None,
                           sensitivity=sens, check=not args.no_check, prompts=prompts[:4] if prompts else None,
                           num_inference_steps=args.steps, call_kwargs=call, progress=not args.no_progress)

@@ -154,6 +154,21 @@ def test_allocate_cli_uses_the_measured_candidates(sd_folder, tmp_path, capsys):
     assert (tmp_path / "plot" / "bits_per_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["allocate", str(sd_folder), "--budget", "1", "--sensitivity", str(sens_path), *common]) == 1
     assert "smallest feasible budget" in capsys.readouterr().err
+    assert main(["allocate", str(sd_folder), "--preset", "w4a8", *common]) == 1
+    assert "is uniform" in capsys.readouterr().err
+
+
+def test_allocate_cli_measures_only_the_presets_candidates(sd_folder, tmp_path, monkeypatch):
+    from diffq.cli import main
+
+    monkeypatch.setenv("DIFFQ_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["allocate", str(sd_folder), "--preset", "w3.5a8", "--no-check", "--steps", "2", "--height", "32",
+                 "--width", "32", "--prompts", str(prompts), "--no-progress"]) == 0
+    [cached] = (tmp_path / "cache" / "sensitivity").glob("*.json")
+    labels = {label for scores in Sensitivity.load(cached).scores.values() for label in scores}
+    assert labels and labels <= {c.label for c in diffq.get_preset("w3.5a8").candidates}  # no 4-bit activations
 
 
 def test_only_grouped_convolutions_disallow_low_rank():
