@@ -18,6 +18,7 @@ from diffq.errors import (
 from diffq.formats import IntFormat
 from diffq.modules import QuantizedConv2d, QuantizedLinear
 from diffq.pipelines.backend import register as _register_diffusers_backend
+from diffq.pipelines.plan_check import PlanCheckWarning
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.presets import PRESETS, Recipe, available_presets, get_preset, register_preset
 from diffq.sensitivity import Candidate, Sensitivity
@@ -34,6 +35,7 @@ __all__ = [
     "LayerConfig",
     "ModelLoadError",
     "PRESETS",
+    "PlanCheckWarning",
     "QuantPlan",
     "QuantizationInputError",
     "QuantizedConv2d",

@@ -217,8 +217,6 @@ def lying_sensitivity(pipe):
 
 
 def test_mixed_keeps_the_uniform_plan_when_its_own_plan_is_worse_end_to_end():
-    from diffq.pipelines.plan_check import PlanCheckWarning
-
     kwargs = tiny_call_kwargs(tiny_pixart_pipeline())
     common = dict(calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False, **kwargs)
     unchecked = tiny_pixart_pipeline()
@@ -227,7 +225,7 @@ def test_mixed_keeps_the_uniform_plan_when_its_own_plan_is_worse_end_to_end():
     assert plan_of(unchecked.transformer).note == ""
 
     checked = tiny_pixart_pipeline()
-    with pytest.warns(PlanCheckWarning, match="uniform w4a8 kept"):
+    with pytest.warns(diffq.PlanCheckWarning, match="uniform w4a8 kept"):
         diffq.quantize(checked, "w4.0a8", sensitivity=lying_sensitivity(checked), **common)
     plan = plan_of(checked.transformer)
     assert {c.w_bits for c in plan.layers.values()} == {4} and plan.preset == "w4.0a8"
