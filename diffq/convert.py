@@ -104,6 +104,32 @@ def _activation_scales(
     return table, bounds
 
 
+def _weight_to_quantize(
+    name: str, layer: nn.Linear | nn.Conv2d, config: LayerConfig, stats: CalibrationStats | None, rows: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """``(smooth, weight, lowrank, importance)`` of one layer: its smoothing vector, the ``[out, cols]``
+    weight that will be quantized (smoothed, the low-rank branch taken out), the branch, and how large
+    the activations meeting each weight column are (for the clip search; ``None`` without samples)."""
+    linear = isinstance(layer, nn.Linear)
+    taps = 1 if linear else layer.kernel_size[0] * layer.kernel_size[1]
+    smooth = None
+    if config.smooth_alpha is not None:
+        channel_weight = layer.weight if linear else conv_channel_weight(layer)
+        smooth = smoothing_vector(stats.channel_absmax(name), channel_weight, config.smooth_alpha)
+    weight2d = layer.weight.float().reshape(layer.weight.shape[0], -1)
+    if smooth is not None:
+        weight2d = weight2d * smooth.repeat_interleave(taps)
+    lowrank = None
+    if config.rank:
+        down, up, weight2d = split_low_rank(weight2d, config.rank)
+        lowrank = (down, up)
+    importance = None
+    if rows is not None and (linear or layer.groups == 1):
+        scaled_rows = rows / (1 if smooth is None else smooth)
+        importance = scaled_rows.pow(2).mean(dim=0).repeat_interleave(taps)
+    return smooth, weight2d, lowrank, importance
+
+
 def _weight_clip(layer: nn.Module, config: LayerConfig, weight2d: torch.Tensor, importance: torch.Tensor | None):
     if config.w_clip != "mse":
         return 1.0
@@ -127,45 +153,20 @@ def convert_model(
                 f"layer {name!r} needs calibration statistics (static activations, smoothing or BOS); "
                 "calibrate first, or use an -rtn preset with activations='dynamic'."
             )
-        rows = stats.sample(name) if stats is not None else None
-        if isinstance(layer, nn.Linear):
-            smooth = None
-            if config.smooth_alpha is not None:
-                smooth = smoothing_vector(stats.channel_absmax(name), layer.weight, config.smooth_alpha)
-            weight2d = layer.weight.float() * (1 if smooth is None else smooth)
-            lowrank = None
-            if config.rank:
-                down, up, weight2d = split_low_rank(weight2d, config.rank)
-                lowrank = (down, up)
-            scaled_rows = None if rows is None else rows / (1 if smooth is None else smooth)
-            importance = None if scaled_rows is None else scaled_rows.pow(2).mean(dim=0)
-            clip = _weight_clip(layer, config, weight2d, importance)
-            bos = stats.bos.get(name) if config.bos else None
-            quantized = QuantizedLinear.from_float(layer, config, smooth, clip, bos, lowrank)
-            channels = layer.in_features
-        elif isinstance(layer, nn.Conv2d):
-            taps = layer.kernel_size[0] * layer.kernel_size[1]
-            smooth = None
-            if config.smooth_alpha is not None:
-                smooth = smoothing_vector(stats.channel_absmax(name), conv_channel_weight(layer), config.smooth_alpha)
-            weight2d = layer.weight.float().reshape(layer.out_channels, -1)
-            if smooth is not None:
-                weight2d = weight2d * smooth.repeat_interleave(taps)
-            lowrank = None
-            if config.rank:
-                down, up, weight2d = split_low_rank(weight2d, config.rank)
-                lowrank = (down, up)
-            importance = None
-            if rows is not None and layer.groups == 1:
-                scaled_rows = rows / (1 if smooth is None else smooth)
-                importance = scaled_rows.pow(2).mean(dim=0).repeat_interleave(taps)
-            clip = _weight_clip(layer, config, weight2d, importance)
-            quantized = QuantizedConv2d.from_float(layer, config, clip, smooth, lowrank)
-            channels = layer.in_channels
-        else:
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise QuantizationInputError(
                 f"cannot quantize a {type(layer).__name__}; only Linear and Conv2d are supported."
             )
+        rows = stats.sample(name) if stats is not None else None
+        smooth, weight2d, lowrank, importance = _weight_to_quantize(name, layer, config, stats, rows)
+        clip = _weight_clip(layer, config, weight2d, importance)
+        if isinstance(layer, nn.Linear):
+            bos = stats.bos.get(name) if config.bos else None
+            quantized = QuantizedLinear.from_float(layer, config, smooth, clip, bos, lowrank)
+            channels = layer.in_features
+        else:
+            quantized = QuantizedConv2d.from_float(layer, config, clip, smooth, lowrank)
+            channels = layer.in_channels
         if config.static_activations:
             table, bounds = _activation_scales(name, config, stats, smooth, channels)
             quantized.set_activation_scale(table, bounds)

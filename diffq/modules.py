@@ -52,6 +52,37 @@ class _QuantizedWeightMixin(nn.Module):
         bounds = torch.zeros(config.a_groups - 1, dtype=torch.float32, device=device) if static else None
         self.register_buffer("act_bounds", bounds if config.a_groups > 1 else None)
 
+    def _init_branch_buffers(self, in_channels: int, config: LayerConfig, dtype: torch.dtype, device) -> None:
+        """The smoothing vector (per input channel) and the low-rank factors, where the config has them."""
+        smooth = torch.ones(in_channels, dtype=dtype, device=device) if config.smooth_alpha is not None else None
+        self.register_buffer("smooth", smooth)
+        rank = config.rank
+        self.register_buffer("lowrank_down", torch.zeros(self.cols, rank, dtype=dtype, device=device) if rank else None)
+        self.register_buffer("lowrank_up", torch.zeros(rank, self.rows, dtype=dtype, device=device) if rank else None)
+
+    def _store_smoothed_weight(
+        self,
+        weight2d: torch.Tensor,
+        smooth: torch.Tensor | None,
+        lowrank: tuple[torch.Tensor, torch.Tensor] | None,
+        clip_ratio: torch.Tensor | float,
+    ) -> None:
+        """Store a float ``[rows, cols]`` weight: smoothed, its low-rank branch kept (``lowrank``, or
+        from an SVD), and only the residual quantized."""
+        if (smooth is None) != (self.config.smooth_alpha is None):
+            raise QuantizationInputError("pass a smoothing vector exactly when config.smooth_alpha is set.")
+        weight2d = weight2d.float()
+        if smooth is not None:
+            self.smooth.copy_(smooth)  # per input channel: repeated over a convolution's kernel taps
+            weight2d = weight2d * self.smooth.float().repeat_interleave(self.cols // smooth.numel())
+        if self.config.rank:
+            down, up = lowrank if lowrank is not None else split_low_rank(weight2d, self.config.rank)[:2]
+            self.lowrank_down.copy_(down)
+            self.lowrank_up.copy_(up)
+            # Quantize what the stored (rounded) branch leaves, so the two parts add up.
+            weight2d = weight2d - (self.lowrank_down.float() @ self.lowrank_up.float()).t()
+        self._store_weight(weight2d, clip_ratio)
+
     def _store_weight(self, weight2d: torch.Tensor, clip_ratio: torch.Tensor | float = 1.0) -> None:
         fmt = weight_format(self.config)
         scale, zero = compute_scales(weight2d.detach(), fmt, clip_ratio)
@@ -151,13 +182,9 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self._init_buffers(out_features, in_features, config, dtype, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        smooth = torch.ones(in_features, dtype=dtype, device=device) if config.smooth_alpha is not None else None
-        self.register_buffer("smooth", smooth)
+        self._init_branch_buffers(in_features, config, dtype, device)
         self.register_buffer("bos_input", torch.zeros(in_features, dtype=dtype, device=device) if config.bos else None)
         self.register_buffer("bos_output", torch.zeros(out_features, dtype=dtype, device=device) if config.bos else None)
-        rank = config.rank
-        self.register_buffer("lowrank_down", torch.zeros(in_features, rank, dtype=dtype, device=device) if rank else None)
-        self.register_buffer("lowrank_up", torch.zeros(rank, out_features, dtype=dtype, device=device) if rank else None)
 
     @classmethod
     def from_float(
@@ -181,22 +208,7 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         module = cls(
             linear.in_features, linear.out_features, config, linear.bias is not None, weight.dtype, weight.device
         )
-        if (smooth is None) != (config.smooth_alpha is None):
-            raise QuantizationInputError("pass a smoothing vector exactly when config.smooth_alpha is set.")
-        weight2d = weight.float()
-        if smooth is not None:
-            module.smooth.copy_(smooth)
-            weight2d = weight2d * module.smooth.float()
-        if config.rank:
-            if lowrank is None:
-                down, up, _ = split_low_rank(weight2d, config.rank)
-            else:
-                down, up = lowrank
-            module.lowrank_down.copy_(down)
-            module.lowrank_up.copy_(up)
-            # Quantize what the stored (rounded) branch leaves, so the two parts add up.
-            weight2d = weight2d - (module.lowrank_down.float() @ module.lowrank_up.float()).t()
-        module._store_weight(weight2d, clip_ratio)
+        module._store_smoothed_weight(weight, smooth, lowrank, clip_ratio)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         if config.bos:
@@ -274,11 +286,7 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
         if (config.smooth_alpha is not None or config.rank) and groups != 1:
             raise QuantizationInputError("smoothing and the low-rank branch need a convolution with groups=1.")
-        smooth = torch.ones(in_channels, dtype=dtype, device=device) if config.smooth_alpha is not None else None
-        self.register_buffer("smooth", smooth)
-        rank = config.rank
-        self.register_buffer("lowrank_down", torch.zeros(cols, rank, dtype=dtype, device=device) if rank else None)
-        self.register_buffer("lowrank_up", torch.zeros(rank, out_channels, dtype=dtype, device=device) if rank else None)
+        self._init_branch_buffers(in_channels, config, dtype, device)
 
     @classmethod
     def from_float(
@@ -300,8 +308,6 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
             raise QuantizationInputError(
                 f"Conv2d with padding_mode={conv.padding_mode!r} is not supported; keep this layer in 16-bit."
             )
-        if (smooth is None) != (config.smooth_alpha is None):
-            raise QuantizationInputError("pass a smoothing vector exactly when config.smooth_alpha is set.")
         weight = conv.weight
         module = cls(
             conv.in_channels,
@@ -316,16 +322,7 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
             weight.dtype,
             weight.device,
         )
-        weight2d = weight.float().reshape(conv.out_channels, -1)
-        if smooth is not None:
-            module.smooth.copy_(smooth)
-            weight2d = weight2d * module.smooth.float().repeat_interleave(module.cols // conv.in_channels)
-        if config.rank:
-            down, up = lowrank if lowrank is not None else split_low_rank(weight2d, config.rank)[:2]
-            module.lowrank_down.copy_(down)
-            module.lowrank_up.copy_(up)
-            weight2d = weight2d - (module.lowrank_down.float() @ module.lowrank_up.float()).t()
-        module._store_weight(weight2d, clip_ratio)
+        module._store_smoothed_weight(weight.reshape(conv.out_channels, -1), smooth, lowrank, clip_ratio)
         if conv.bias is not None:
             module.bias.data.copy_(conv.bias.detach())
         return module
