@@ -156,10 +156,11 @@ def uniform_alternative(
     without a low-rank branch that the analysis measured, fits ``budget`` and has the most weight
     bits (then activation bits), given to every layer. ``None`` when no such candidate fits."""
     budget = budget if budget is not None else recipe.budget
+    if budget is None:
+        return None
     shapes = {n: layer_shape(m) for n, m in layers.items()}
     fitting = [
-        c for c in measured_candidates(sensitivity, shapes, recipe.candidates)
-        if c.rank == 0 and budget is not None and c.w_bits <= budget + 1e-9
+        c for c in measured_candidates(sensitivity, shapes, recipe.candidates) if c.rank == 0 and c.w_bits <= budget + 1e-9
     ]
     if not fitting:
         return None
