@@ -1,7 +1,7 @@
 """Quality metrics and the evaluation runner: FID, CLIP score, digit alignment, fidelity to fp.
 
-Importing this package is light: torchmetrics' FID, LPIPS and open_clip are imported only when a
-metric runs. The evaluation runner lives in :mod:`diffq.metrics.evaluate`
+Importing this package is light: torchmetrics, LPIPS and open_clip are imported only when a metric
+runs. The evaluation runner lives in :mod:`diffq.metrics.evaluate`
 (``from diffq.metrics.evaluate import evaluate``; ``python -m diffq.metrics.evaluate``).
 """
 
@@ -11,6 +11,7 @@ from diffq.metrics.fid import (
     FID,
     ClassifierFeatures,
     InceptionFeatures,
+    bootstrap_indices,
     find_inception_weights,
     frechet_distance,
     inception_available,
@@ -26,6 +27,7 @@ __all__ = [
     "InceptionFeatures",
     "MissingWeightsError",
     "alignment",
+    "bootstrap_indices",
     "clip_score",
     "find_inception_weights",
     "frechet_distance",

@@ -1,6 +1,7 @@
 """Fréchet distance between generated and real images, on a pluggable feature extractor.
 
-The distance itself is torchmetrics' ``FrechetInceptionDistance``; the feature network is one of
+The distance is the usual Fréchet distance between the Gaussians fitted to the features of the two
+sets (computed like torchmetrics' ``FrechetInceptionDistance``); the feature network is one of
 
 - ``"inception-v3"``: the standard FID network (torch-fidelity's port of the TF Inception v3),
   used only when ``torch_fidelity`` is installed *and* its weights are already on disk;
@@ -136,7 +137,9 @@ def select_feature_extractor(
 class FID:
     """FID of image sets against one fixed real set (its features are extracted once).
 
-    Images are float ``[N, C, H, W]`` in [0, 1]. The metric never syncs across processes: in a
+    Images are float ``[N, C, H, W]`` in [0, 1]. The distance is computed in float64 from the
+    features' means and covariances, as torchmetrics' ``FrechetInceptionDistance`` does; keeping the
+    features lets :meth:`bootstrap` resample them. The metric never syncs across processes: in a
     distributed run, call it on the process that holds all images.
     """
 
@@ -148,29 +151,73 @@ class FID:
         batch_size: int = 64,
         device: str | torch.device = "cpu",
     ) -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
         if real_images.shape[0] < 2:
             raise ValueError("FID needs at least 2 real images")
+        self.feature = feature
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.metric = FrechetInceptionDistance(
-            feature=feature, reset_real_features=False, normalize=True, sync_on_compute=False
-        ).to(self.device)
-        self._update(real_images, real=True)
+        self.real_mean, self.real_cov = _moments(self.features(real_images))
+        self._real_cov_sqrt = _psd_sqrt(self.real_cov)
 
-    def _update(self, images: torch.Tensor, *, real: bool) -> None:
-        with torch.no_grad():
-            for idx in batches(images.shape[0], self.batch_size):
-                self.metric.update(images[idx.start : idx.stop].to(self.device), real=real)
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` float64 features of ``images`` (on the CPU)."""
+        self.feature.to(self.device)
+        parts = [
+            self.feature(images[idx.start : idx.stop].to(self.device)).double().cpu()
+            for idx in batches(images.shape[0], self.batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)
+
+    def distance(self, fake_features: torch.Tensor) -> float | None:
+        """FID of a set given by its features; ``None`` for fewer than 2 images."""
+        if fake_features.shape[0] < 2:
+            return None
+        mean, cov = _moments(fake_features)
+        return _frechet(self.real_mean, self.real_cov, self._real_cov_sqrt, mean, cov)
 
     def __call__(self, fake_images: torch.Tensor) -> float | None:
         """FID of ``fake_images`` against the real set; ``None`` for fewer than 2 images."""
-        if fake_images.shape[0] < 2:
-            return None
-        self.metric.reset()  # keeps the real features
-        self._update(fake_images, real=False)
-        return float(self.metric.compute())
+        return self.distance(self.features(fake_images)) if fake_images.shape[0] >= 2 else None
+
+    def bootstrap(self, fake_features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """FID of each resample ``fake_features[indices[b]]`` (``indices``: ``[B, N]``): ``[B]`` float64.
+
+        The real set stays fixed, so the spread is the uncertainty due to the generated images. Use
+        the same ``indices`` for every preset scored on the same prompts and seeds: differences of
+        their resampled FIDs are then paired (see :func:`bootstrap_indices`).
+        """
+        return torch.tensor([self.distance(fake_features[row]) for row in indices], dtype=torch.float64)
+
+
+def bootstrap_indices(num_images: int, replicates: int, seed: int = 0) -> torch.Tensor:
+    """``[replicates, num_images]`` indices drawn with replacement from ``num_images``, reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(num_images, (replicates, num_images), generator=generator)
+
+
+def _moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance of ``[N, D]`` features, in float64."""
+    x = features.double()
+    mean = x.mean(0)
+    centered = x - mean
+    return mean, centered.T @ centered / (x.shape[0] - 1)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a positive semi-definite matrix (negative round-off clipped)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def _frechet(
+    mean1: torch.Tensor, cov1: torch.Tensor, cov1_sqrt: torch.Tensor, mean2: torch.Tensor, cov2: torch.Tensor
+) -> float:
+    """``|m1 - m2|² + tr(S1 + S2 - 2 (S1 S2)^½)``; ``tr (S1 S2)^½`` is the sum of the square roots of
+    the eigenvalues of the symmetric ``S1^½ S2 S1^½``, which has the same spectrum as ``S1 S2``."""
+    inner = cov1_sqrt @ cov2 @ cov1_sqrt
+    trace_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mean1 - mean2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)
 
 
 def frechet_distance(

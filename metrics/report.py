@@ -62,7 +62,7 @@ def render_markdown(report: dict[str, Any], notes: list[str] | None = None) -> s
         "",
         f"{report['num_images']} images per preset; FID features: `{report['feature_extractor']}`.",
         "",
-        "| preset | FID ↓ | alignment ↑ | CLIP score ↑ | PSNR vs fp (dB) ↑ | SSIM vs fp ↑ | denoiser weights (MiB) | seconds |",
+        "| preset | FID ↓ (± bootstrap sd) | alignment ↑ | CLIP score ↑ | PSNR vs fp (dB) ↑ | SSIM vs fp ↑ | denoiser weights (MiB) | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     failed = []
@@ -70,13 +70,39 @@ def render_markdown(report: dict[str, Any], notes: list[str] | None = None) -> s
         if r.get("error"):
             failed.append(f"`{preset}` did not run: {r['error']}")
         mib = None if r["weight_bytes"] is None else r["weight_bytes"] / 2**20
+        fid = _fmt(r["fid"], ".4g") + (f" ± {r['fid_std']:.2g}" if r.get("fid_std") is not None else "")
         lines.append(
-            f"| {preset} | {_fmt(r['fid'], '.4g')} | {_fmt(r['alignment'])} | {_fmt(r['clip_score'], '.2f')} | "
+            f"| {preset} | {fid} | {_fmt(r['alignment'])} | {_fmt(r['clip_score'], '.2f')} | "
             f"{_fmt(r['psnr_vs_fp'], '.2f')} | {_fmt(r['ssim_vs_fp'])} | {_fmt(mib, '.2f')} | {_fmt(r['seconds'], '.1f')} |"
         )
     if failed or notes:
         lines += [""] + [f"- {n}" for n in failed + list(notes or [])]
+    lines += _fid_difference_lines(report)
     return "\n".join(lines) + "\n"
+
+
+MAX_DIFFERENCE_ROWS = 15
+"""Paired FID differences listed in ``report.md`` (all of them are in ``report.json``)."""
+
+
+def _fid_difference_lines(report: dict[str, Any]) -> list[str]:
+    pairs = report.get("fid_differences") or {}
+    if not pairs:
+        return []
+    lines = [
+        "",
+        f"## FID differences (paired bootstrap, {report.get('fid_bootstrap')} resamples of the generated images)",
+        "",
+        "| a vs b | FID a − b | 90 % interval | resamples where a is lower |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, d in list(pairs.items())[:MAX_DIFFERENCE_ROWS]:
+        lines.append(
+            f"| {label} | {d['difference']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {d['a_lower']:.0%} |"
+        )
+    if len(pairs) > MAX_DIFFERENCE_ROWS:
+        lines += ["", f"The first {MAX_DIFFERENCE_ROWS} of {len(pairs)} pairs; report.json has them all."]
+    return lines
 
 
 def make_grid(rows: dict[str, torch.Tensor], *, cell: int = GRID_CELL):

@@ -8,7 +8,7 @@ import torch
 
 from diffq.metrics.clip_score import ClipScorer, alignment
 from diffq.metrics.errors import EvaluationInputError, MissingWeightsError
-from diffq.metrics.fid import FID, select_feature_extractor
+from diffq.metrics.fid import FID, bootstrap_indices, select_feature_extractor
 from diffq.metrics.fidelity import psnr, ssim
 from diffq.metrics.images import resize
 
@@ -47,7 +47,14 @@ class Scorers:
         clip_weights: str | None,
         *,
         device: str | torch.device = "cpu",
+        fid_bootstrap: int = 0,
+        bootstrap_seed: int = 0,
     ) -> None:
+        if fid_bootstrap < 0:
+            raise EvaluationInputError(f"fid_bootstrap must be 0 (off) or a number of resamples, got {fid_bootstrap!r}.")
+        self.fid_bootstrap, self.bootstrap_seed = fid_bootstrap, bootstrap_seed
+        self.fid_replicates: dict[str, torch.Tensor] = {}  # preset -> resampled FIDs, paired across presets
+        self.fid_values: dict[str, float] = {}
         self.classifier = _load_classifier(classifier)
         try:
             self.feature_name, self.feature = select_feature_extractor(
@@ -62,13 +69,51 @@ class Scorers:
         self._fid = None
         self.num_real = 0
 
-    def fid(self, images: torch.Tensor) -> float | None:
-        """FID against the real digits (their features are extracted on the first call)."""
-        if self._fid is None:
+    def _fid_metric(self, images: torch.Tensor) -> FID:
+        if self._fid is None:  # the real digits' features are extracted once, at the first preset's size
             real = real_digits(tuple(images.shape[-2:]))
             self.num_real = real.shape[0]
             self._fid = FID(self.feature, real, device=self.device)
-        return self._fid(images)
+        return self._fid
+
+    def fid(self, images: torch.Tensor, name: str | None = None) -> tuple[float | None, float | None]:
+        """FID against the real digits, and its bootstrap standard deviation (``None`` when off).
+
+        With ``fid_bootstrap`` resamples, every preset is resampled with the same image indices
+        (image i has the same prompt and seed in every preset), and a ``name``'s resampled FIDs are
+        kept for :meth:`fid_differences`.
+        """
+        metric = self._fid_metric(images)
+        features = metric.features(images)
+        value = metric.distance(features)
+        if value is None or self.fid_bootstrap == 0:
+            return value, None
+        indices = bootstrap_indices(features.shape[0], self.fid_bootstrap, self.bootstrap_seed)
+        replicates = metric.bootstrap(features, indices)
+        if name is not None:
+            self.fid_replicates[name], self.fid_values[name] = replicates, value
+        return value, float(replicates.std())
+
+    def fid_differences(self, names: list[str]) -> dict[str, dict[str, float]]:
+        """Paired bootstrap comparison of every two scored presets, in the order of ``names``.
+
+        ``"a vs b"``: ``difference`` (FID of a minus FID of b, full sets), ``low``/``high`` (the 5th
+        and 95th percentiles of the resampled differences) and ``a_lower`` (the share of resamples in
+        which a has the lower FID).
+        """
+        scored = [n for n in names if n in self.fid_replicates]
+        pairs = {}
+        for i, a in enumerate(scored):
+            for b in scored[i + 1 :]:
+                diff = self.fid_replicates[a] - self.fid_replicates[b]
+                low, high = torch.quantile(diff, torch.tensor([0.05, 0.95], dtype=diff.dtype)).tolist()
+                pairs[f"{a} vs {b}"] = {
+                    "difference": self.fid_values[a] - self.fid_values[b],
+                    "low": low,
+                    "high": high,
+                    "a_lower": float((diff < 0).double().mean()),
+                }
+        return pairs
 
     def score(
         self,
@@ -76,12 +121,16 @@ class Scorers:
         fp_images: torch.Tensor | None,
         prompts: list[str],
         digits: list[int | None],
+        name: str | None = None,
     ) -> dict[str, Any]:
-        """The metric part of a report row (``fid`` ... ``ssim_vs_fp``)."""
+        """The metric part of a report row (``fid`` ... ``ssim_vs_fp``); ``name`` keeps the preset's
+        resampled FIDs for :meth:`fid_differences`."""
+        fid, fid_std = self.fid(images, name)
         known = [i for i, d in enumerate(digits) if d is not None]
         align = alignment(images[known], [digits[i] for i in known], self.classifier) if known else None
         return {
-            "fid": _float(self.fid(images)),
+            "fid": _float(fid),
+            "fid_std": _float(fid_std),
             "alignment": _float(align),
             "clip_score": _float(self.clip(images, prompts) if self.clip is not None else None),
             "psnr_vs_fp": _float(psnr(images, fp_images) if fp_images is not None else None),

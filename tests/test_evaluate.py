@@ -25,8 +25,8 @@ from diffq.metrics.errors import EvaluationInputError
 from diffq.metrics.evaluate import configure_parser, evaluate, main
 from diffq.metrics.generation import generate_images
 
-REPORT_KEYS = {"model", "num_images", "feature_extractor", "results"}
-RESULT_KEYS = {"fid", "alignment", "clip_score", "psnr_vs_fp", "ssim_vs_fp", "weight_bytes", "seconds"}
+REPORT_KEYS = {"model", "num_images", "feature_extractor", "fid_bootstrap", "results", "fid_differences"}
+RESULT_KEYS = {"fid", "fid_std", "alignment", "clip_score", "psnr_vs_fp", "ssim_vs_fp", "weight_bytes", "seconds"}
 TINY_CALL = {"height": 32, "width": 32, "guidance_scale": 1.0}
 PROMPTS = [(f"a handwritten digit {d}", d) for d in range(10)]
 
@@ -68,6 +68,7 @@ def _never(name: str):
         ({"model": "no-such-model", "prompts": None}, EvaluationInputError, "not a bundled model"),
         ({"batch_size": 0}, EvaluationInputError, "batch_size"),
         ({"clip_model": "ViT-B-32"}, EvaluationInputError, "clip_weights"),
+        ({"fid_bootstrap": -1}, EvaluationInputError, "fid_bootstrap"),
     ],
 )
 def test_bad_input_is_rejected_early(kwargs, error, match):
@@ -156,7 +157,11 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     for row in one["results"].values():
         assert set(row) == RESULT_KEYS
         assert isinstance(row["weight_bytes"], int) and row["seconds"] > 0 and row["fid"] >= 0
-        assert row["clip_score"] is None and 0 <= row["alignment"] <= 1
+        assert row["clip_score"] is None and 0 <= row["alignment"] <= 1 and row["fid_std"] >= 0
+    assert one["fid_bootstrap"] > 0 and list(one["fid_differences"]) == ["fp vs w8a16"]
+    pair = one["fid_differences"]["fp vs w8a16"]
+    assert pair["difference"] == pytest.approx(one["results"]["fp"]["fid"] - one["results"]["w8a16"]["fid"])
+    assert pair["low"] <= pair["high"] and 0 <= pair["a_lower"] <= 1
     fp, q = one["results"]["fp"], one["results"]["w8a16"]
     assert fp["psnr_vs_fp"] is None and fp["ssim_vs_fp"] is None
     assert q["psnr_vs_fp"] > 20 and q["weight_bytes"] < fp["weight_bytes"]

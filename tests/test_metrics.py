@@ -141,6 +141,55 @@ def test_fid_reuses_real_features_and_orders_distributions():
     assert fid(real[:1]) is None  # FID needs two images
 
 
+def test_fid_equals_torchmetrics_on_the_same_features():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    torch.manual_seed(1)
+    feature = fid_mod.ClassifierFeatures(PixelClassifier())
+    real, fake = torch.rand(40, 1, 16, 16), (torch.rand(30, 1, 16, 16) * 0.6).clamp(0, 1)
+    metric = FrechetInceptionDistance(feature=feature, normalize=True, sync_on_compute=False)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    assert fid_mod.FID(feature, real)(fake) == pytest.approx(float(metric.compute()), rel=1e-6, abs=1e-9)
+
+
+def test_fid_bootstrap_is_reproducible_and_resamples_the_generated_set():
+    torch.manual_seed(2)
+    fid = fid_mod.FID(fid_mod.ClassifierFeatures(PixelClassifier()), torch.rand(48, 1, 16, 16))
+    features = fid.features(torch.rand(32, 1, 16, 16))
+    indices = fid_mod.bootstrap_indices(32, 20, seed=3)
+    assert indices.shape == (20, 32) and torch.equal(indices, fid_mod.bootstrap_indices(32, 20, seed=3))
+    assert not torch.equal(indices, fid_mod.bootstrap_indices(32, 20, seed=4))
+    identity = torch.arange(32).repeat(3, 1)  # "resamples" that are the set itself give its FID
+    assert fid.bootstrap(features, identity).tolist() == pytest.approx([fid.distance(features)] * 3)
+    replicates = fid.bootstrap(features, indices)
+    assert replicates.shape == (20,) and replicates.std() > 0
+
+
+def test_paired_fid_differences_rank_a_shift_and_cancel_identical_sets():
+    from diffq.metrics.scoring import Scorers
+
+    torch.manual_seed(3)
+    scorers = Scorers("digit-classifier", PixelClassifier(), None, None, fid_bootstrap=50)
+    images = torch.rand(40, 1, 16, 16)
+    fid, std = scorers.fid(images, "a")
+    assert std is not None and std > 0
+    scorers.fid(images.clone(), "same")
+    shifted, _ = scorers.fid(images * 0.5, "dark")
+    pairs = scorers.fid_differences(["a", "same", "dark", "never-scored"])
+    assert list(pairs) == ["a vs same", "a vs dark", "same vs dark"]
+    assert pairs["a vs same"] == {"difference": 0.0, "low": 0.0, "high": 0.0, "a_lower": 0.0}
+    dark = pairs["a vs dark"]
+    assert dark["difference"] == pytest.approx(fid - shifted) and abs(dark["difference"]) > 0.1
+    if dark["difference"] > 0:  # a shift this large wins or loses in every resample
+        assert 0 < dark["low"] <= dark["high"] and dark["a_lower"] == 0.0
+    else:
+        assert dark["low"] <= dark["high"] < 0 and dark["a_lower"] == 1.0
+    assert Scorers("digit-classifier", PixelClassifier(), None, None).fid(images) == (pytest.approx(fid), None)
+    with pytest.raises(EvaluationInputError, match="fid_bootstrap"):
+        Scorers("digit-classifier", PixelClassifier(), None, None, fid_bootstrap=-2)
+
+
 def test_classifier_features_stay_in_eval_mode():
     feature = fid_mod.ClassifierFeatures(PixelClassifier().train())
     feature.train()
@@ -354,6 +403,10 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_markdown_and_grid_shapes():
     md = render_markdown(_fake_report())
     assert md.count("\n| ") == 3  # header + two rows (the separator starts with "|---")
+    pair = {"difference": -0.25, "low": -0.5, "high": 0.125, "a_lower": 0.75}
+    md = render_markdown(_fake_report() | {"fid_bootstrap": 8, "fid_differences": {"fp vs w8a8": pair}})
+    assert "## FID differences (paired bootstrap, 8 resamples" in md
+    assert "| fp vs w8a8 | -0.250 | [-0.500, +0.125] | 75% |" in md
     grid = make_grid({"fp": torch.rand(10, 3, 32, 32)})
     assert grid.width > 10 * 64 and grid.height == 64 + 4
 
