@@ -133,7 +133,7 @@ def allocate(
     )
     if recipe.is_mixed and check and not bare:
         probe_prompts = list(prompts) if prompts is not None else default_prompts(target)[:4]
-        plan = keep_better_than_uniform(
+        plan, _ = keep_better_than_uniform(
             target, recipe, plan, layers, kept, stats, sensitivity, budget, splits, probe_prompts,
             num_inference_steps, progress=progress, **dict(call_kwargs or {}),
         )
@@ -329,12 +329,17 @@ def quantize(
     plan = build_plan(
         recipe, layers, kept, stats, splits, progress=progress, sensitivity=sensitivity, budget=budget, **overrides,
     )
+    installed = False
     if recipe.is_mixed and check:
-        plan = keep_better_than_uniform(
+        plan, installed = keep_better_than_uniform(
             resolved, recipe, plan, layers, kept, stats, sensitivity, budget, splits, probe_prompts,
-            num_calibration_steps, progress=progress, **calibration_kwargs,
+            num_calibration_steps, progress=progress, install=True, **calibration_kwargs,
         )
-    convert(resolved, plan, stats, progress=progress)
+    if installed:  # the check left the kept plan's quantized layers in place
+        attach_plan(denoiser, plan)
+        install_timestep_hook(denoiser)
+    else:
+        convert(resolved, plan, stats, progress=progress)
     for name in extra_components:
         quantize_weights_only(getattr(resolved, name), recipe, progress=progress)
     return resolved

@@ -151,10 +151,14 @@ def uniform_alternative(
     sensitivity: Sensitivity,
     budget: float | None,
     splits: dict[str, int] | None = None,
+    planned: QuantPlan | None = None,
 ) -> tuple[Candidate, QuantPlan] | None:
     """The uniform plan a mixed recipe's integer program could also have chosen: the candidate
     without a low-rank branch that the analysis measured, fits ``budget`` and has the most weight
-    bits (then activation bits), given to every layer. ``None`` when no such candidate fits."""
+    bits (then activation bits), given to every layer. ``None`` when no such candidate fits.
+
+    ``planned``: a plan of the same recipe and statistics (the mixed one) whose layers that got
+    this candidate are reused rather than tuned again."""
     budget = budget if budget is not None else recipe.budget
     if budget is None:
         return None
@@ -165,7 +169,11 @@ def uniform_alternative(
     if not fitting:
         return None
     best = max(fitting, key=lambda c: (c.w_bits, c.a_bits or 16))
-    return best, _plan_choices(recipe, layers, kept, stats, dict.fromkeys(layers, best), splits, progress=False)
+    reuse = {
+        name: config for name, config in (planned.layers.items() if planned is not None else ())
+        if (config.w_bits, config.a_bits, config.rank) == (best.w_bits, best.a_bits, best.rank)
+    }
+    return best, _plan_choices(recipe, layers, kept, stats, dict.fromkeys(layers, best), splits, False, reuse)
 
 
 def _plan_choices(
@@ -176,12 +184,17 @@ def _plan_choices(
     choice: dict[str, Candidate],
     splits: dict[str, int] | None,
     progress: bool,
+    reuse: dict[str, LayerConfig] | None = None,
 ) -> QuantPlan:
-    """A plan with each layer's chosen candidate, tuned from ``stats`` like the calibrated presets."""
+    """A plan with each layer's chosen candidate, tuned from ``stats`` like the calibrated presets;
+    layers in ``reuse`` keep the config given there (already tuned for the same candidate)."""
     options = recipe.calibration or CalibrationOptions()
-    splits = splits or {}
+    splits, reuse = splits or {}, reuse or {}
     planned = {}
     for name, module in tqdm(layers.items(), desc="diffq: planning layers", disable=not progress):
+        if name in reuse:
+            planned[name] = reuse[name]
+            continue
         config = resolve_config(module, candidate_config(choice[name]))
         planned[name] = plan_layer(name, module, config, options, stats, splits.get(name))
     return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(kept))

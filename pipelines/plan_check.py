@@ -48,10 +48,13 @@ def compare_plans(
     num_inference_steps: int = 8,
     seed: int = 0,
     progress: bool = True,
+    install_best: bool = False,
     **call_kwargs: Any,
 ) -> dict[str, float]:
     """PSNR (dB) of each plan's final images against the float pipeline's, on the same prompts and
-    seeds. Each plan's layers are swapped in, scored and swapped back: the denoiser is left float."""
+    seeds. Each plan's layers are swapped in, scored and swapped back, so the denoiser is left
+    float; with ``install_best`` the best plan's quantized layers stay in (first plan on a tie), and
+    it need not be converted again."""
     if not prompts:
         raise QuantizationInputError("checking a plan needs at least one prompt.")
     denoiser = denoiser_of(pipe)
@@ -61,16 +64,21 @@ def compare_plans(
     originals = {name: denoiser.get_submodule(name) for name in names}
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
-    scores = {}
+    scores: dict[str, float] = {}
+    best: dict[str, nn.Module] | None = None  # the quantized layers of the best plan so far
     try:
         reference = final_images(pipe, prompts, num_inference_steps, seed, call_kwargs)
         for label, plan in tqdm(plans.items(), desc="diffq: checking plans", disable=not progress):
             try:
                 convert_model(denoiser, plan, stats, progress=False)
                 scores[label] = psnr_db(final_images(pipe, prompts, num_inference_steps, seed, call_kwargs), reference)
+                if install_best and scores[label] > max(list(scores.values())[:-1], default=-math.inf):
+                    best = {name: denoiser.get_submodule(name) for name in plan.layers}
             finally:
                 for name, module in originals.items():
                     denoiser.set_submodule(name, module)
+        for name, module in (best or {}).items():
+            denoiser.set_submodule(name, module)
     finally:
         pipe._progress_bar_config = saved_bar
     return scores
@@ -93,21 +101,28 @@ def keep_better_than_uniform(
     prompts: Sequence[str],
     num_inference_steps: int = 8,
     progress: bool = True,
+    install: bool = False,
     **call_kwargs: Any,
-) -> QuantPlan:
+) -> tuple[QuantPlan, bool]:
     """A mixed ``plan``, or the uniform plan within the same budget when that one's final images are
-    closer to full precision on ``prompts``; the returned plan's ``note`` records both scores."""
-    alternative = uniform_alternative(recipe, layers, kept, stats, sensitivity, budget, splits)
+    closer to full precision on ``prompts``; the returned plan's ``note`` records both scores.
+
+    Returns ``(plan, installed)``. With ``install``, the returned plan's quantized layers are left in
+    the denoiser when the comparison ran (``installed`` is then true), so it need not be converted
+    again; otherwise the denoiser is left float.
+    """
+    alternative = uniform_alternative(recipe, layers, kept, stats, sensitivity, budget, splits, planned=plan)
     if alternative is None:  # no uniform candidate fits the budget: nothing to compare with
-        return plan
+        return plan, False
     candidate, uniform = alternative
+    # Mixed first: it is the one kept on a tie.
     scores = compare_plans(pipe, {"mixed": plan, "uniform": uniform}, stats, prompts, num_inference_steps,
-                           progress=progress, **call_kwargs)
+                           progress=progress, install_best=install, **call_kwargs)
     measured = (f"{scores['mixed']:.2f} dB for the mixed plan, {scores['uniform']:.2f} dB for uniform "
                 f"{candidate.label} (final images against full precision, {len(prompts)} calibration "
                 f"prompt(s), {num_inference_steps} steps)")
     if scores["mixed"] >= scores["uniform"]:
-        return replace(plan, note=f"mixed plan kept: {measured}")
+        return replace(plan, note=f"mixed plan kept: {measured}"), install
     note = f"uniform {candidate.label} kept, it fits the budget and beat the mixed plan end to end: {measured}"
     warnings.warn(f"diffq: {note}. Pass check=False to keep the mixed plan anyway.", PlanCheckWarning, stacklevel=3)
-    return replace(uniform, note=note)
+    return replace(uniform, note=note), install

@@ -115,7 +115,8 @@ def test_mixed_preset_stays_within_budget_and_beats_uniform_at_equal_bits(tmp_pa
                                 layers[n].in_features, layers[n].out_features) for n, c in plan.layers.items())
     params = sum(layers[n].in_features * layers[n].out_features for n in plan.layers)
     assert bits / params <= 3.5 + 1e-9
-    assert {c.a_bits for c in plan.layers.values()} == {8}
+    assert {c.a_bits for c in plan.layers.values()} == {8} and plan.note.startswith("mixed plan kept")
+    assert_installed_like_a_fresh_conversion(pipe, TINY_PROMPTS[:2], 2, False, **kwargs)
     mixed = 10 * np.log10(1 / np.mean((run_tiny(pipe, steps=2) - reference) ** 2))
 
     uniform = tiny_pixart_pipeline()
@@ -231,3 +232,35 @@ def test_mixed_keeps_the_uniform_plan_when_its_own_plan_is_worse_end_to_end():
     assert {c.w_bits for c in plan.layers.values()} == {4} and plan.preset == "w4.0a8"
     assert "dB for the mixed plan" in plan.note and plan.note in plan.table()
     assert diffq.QuantPlan.from_json(plan.to_json()).note == plan.note
+    assert_installed_like_a_fresh_conversion(checked, **common)
+
+
+def assert_installed_like_a_fresh_conversion(pipe, calibration, num_calibration_steps, progress, **kwargs):
+    """The layers the check left installed equal converting the kept plan on a fresh float copy."""
+    plan = plan_of(pipe.transformer)
+    fresh = tiny_pixart_pipeline()
+    stats = diffq.calibrate(fresh, calibration, num_inference_steps=num_calibration_steps, progress=False, **kwargs)
+    diffq.convert(fresh, plan, stats, progress=False)
+    for name in plan.layers:
+        assert isinstance(pipe.transformer.get_submodule(name), (diffq.QuantizedLinear, diffq.QuantizedConv2d))
+    np.testing.assert_array_equal(run_tiny(pipe, steps=2), run_tiny(fresh, steps=2))
+
+
+def test_uniform_alternative_reuses_the_mixed_plans_tuned_layers_unchanged():
+    from diffq.presets import get_preset, uniform_alternative
+
+    pipe = tiny_pixart_pipeline()
+    kwargs = tiny_call_kwargs(pipe)
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:2], num_inference_steps=2, progress=False, **kwargs)
+    sensitivity = lying_sensitivity(pipe)
+    for name, group in sensitivity.groups.items():  # content layers now prefer 4 bits to 2
+        if group == "content":
+            sensitivity.scores[name] = {"w2a8": 0.5, "w4a8": 0.99, "w8a8": 0.995}
+    mixed = diffq.allocate(pipe, stats, preset="w4.0a8", sensitivity=sensitivity, check=False, progress=False)
+    assert {c.w_bits for c in mixed.layers.values()} >= {2, 4}  # some layers share uniform's candidate
+    adapter = adapter_for(pipe.transformer)
+    layers, kept = adapter.layers(pipe.transformer)
+    args = (get_preset("w4.0a8"), layers, kept, stats, sensitivity, None, adapter.concat_splits(pipe.transformer))
+    reused, fresh = uniform_alternative(*args, planned=mixed), uniform_alternative(*args)
+    assert reused[0] == fresh[0] == Candidate(4, 8)
+    assert reused[1].layers == fresh[1].layers
