@@ -96,6 +96,16 @@ def test_ssim_identity_noise_and_small_images():
         ssim(a, a[:2])
 
 
+def test_ssim_in_batches_equals_one_pass():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    torch.manual_seed(0)
+    a, b = torch.rand(10, 3, 32, 32), torch.rand(10, 3, 32, 32)
+    whole = float(structural_similarity_index_measure(a.double(), b.double(), data_range=1.0))
+    assert ssim(a, b, batch_size=3) == pytest.approx(whole, rel=1e-12)
+    assert ssim(a, b) == pytest.approx(whole, rel=1e-12)
+
+
 def test_lpips_is_none_without_local_weights(no_local_weights):
     assert lpips_weights_available("alex") is False
     a = torch.rand(2, 3, 16, 16)
