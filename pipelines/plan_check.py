@@ -37,6 +37,8 @@ MAX_PSNR_DB = 100.0  # identical images
 def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR (dB) of ``images`` against ``reference``, both in [0, 1]: from the mean squared error."""
     mse = float((images - reference).pow(2).mean())
+    if not math.isfinite(mse):  # a plan that produced NaN or inf images is the worst, not a perfect match
+        return -math.inf
     return MAX_PSNR_DB if mse == 0 else min(MAX_PSNR_DB, 10 * math.log10(1 / mse))
 
 
@@ -66,14 +68,15 @@ def compare_plans(
     pipe.set_progress_bar_config(disable=True)
     scores: dict[str, float] = {}
     best: dict[str, nn.Module] | None = None  # the quantized layers of the best plan so far
+    best_score = -math.inf
     try:
         reference = final_images(pipe, prompts, num_inference_steps, seed, call_kwargs)
         for label, plan in tqdm(plans.items(), desc="diffq: checking plans", disable=not progress):
             try:
                 convert_model(denoiser, plan, stats, progress=False)
                 scores[label] = psnr_db(final_images(pipe, prompts, num_inference_steps, seed, call_kwargs), reference)
-                if install_best and scores[label] > max(list(scores.values())[:-1], default=-math.inf):
-                    best = {name: denoiser.get_submodule(name) for name in plan.layers}
+                if install_best and (best is None or scores[label] > best_score):
+                    best, best_score = {name: denoiser.get_submodule(name) for name in plan.layers}, scores[label]
             finally:
                 for name, module in originals.items():
                     denoiser.set_submodule(name, module)

@@ -1,6 +1,7 @@
 """Sensitivity analysis: scores, resuming, the 2-process split, and mixed-precision presets."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -264,3 +265,12 @@ def test_uniform_alternative_reuses_the_mixed_plans_tuned_layers_unchanged():
     reused, fresh = uniform_alternative(*args, planned=mixed), uniform_alternative(*args)
     assert reused[0] == fresh[0] == Candidate(4, 8)
     assert reused[1].layers == fresh[1].layers
+
+
+def test_plan_check_psnr_ranks_broken_images_last():
+    from diffq.pipelines.plan_check import MAX_PSNR_DB, psnr_db
+
+    reference = torch.rand(2, 3, 8, 8)
+    assert psnr_db(reference, reference) == MAX_PSNR_DB
+    assert 0 < psnr_db(reference * 0.9, reference) < MAX_PSNR_DB
+    assert psnr_db(torch.full_like(reference, float("nan")), reference) == -math.inf
