@@ -186,9 +186,15 @@ def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None,
     """Swap the planned layers of a pipeline's denoiser (or of a module) for quantized ones, in place."""
     model = denoiser_of(target) if _is_pipeline(target) else target
     convert_model(model, plan, stats, progress=progress)
+    _finish_conversion(model, plan)
+    return target
+
+
+def _finish_conversion(model: nn.Module, plan: QuantPlan) -> None:
+    """What follows swapping in a plan's quantized layers: the plan saved with the model, and the
+    timestep made visible to the layers."""
     attach_plan(model, plan)
     install_timestep_hook(model)
-    return target
 
 
 def _calibrate_module(
@@ -336,8 +342,7 @@ def quantize(
             num_calibration_steps, progress=progress, install=True, **calibration_kwargs,
         )
     if installed:  # the check left the kept plan's quantized layers in place
-        attach_plan(denoiser, plan)
-        install_timestep_hook(denoiser)
+        _finish_conversion(denoiser, plan)
     else:
         convert(resolved, plan, stats, progress=progress)
     for name in extra_components:

@@ -124,7 +124,7 @@ def _weight_to_quantize(
         down, up, weight2d = split_low_rank(weight2d, config.rank)
         lowrank = (down, up)
     importance = None
-    if rows is not None and (linear or layer.groups == 1):
+    if rows is not None and supports_branch(layer):
         scaled_rows = rows / (1 if smooth is None else smooth)
         importance = scaled_rows.pow(2).mean(dim=0).repeat_interleave(taps)
     return smooth, weight2d, lowrank, importance

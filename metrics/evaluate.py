@@ -192,8 +192,6 @@ def evaluate(
         raise EvaluationInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if steps is not None and steps < 1:
         raise EvaluationInputError(f"steps must be a positive integer, got {steps!r}.")
-    if not isinstance(fid_bootstrap, int) or isinstance(fid_bootstrap, bool) or fid_bootstrap < 0:
-        raise EvaluationInputError(f"fid_bootstrap must be 0 (off) or a number of resamples, got {fid_bootstrap!r}.")
     if (clip_model is None) != (clip_weights is None):
         raise EvaluationInputError(
             "CLIP score needs both clip_model and clip_weights (a file or a cached tag)."

@@ -50,7 +50,7 @@ class Scorers:
         fid_bootstrap: int = 0,
         bootstrap_seed: int = 0,
     ) -> None:
-        if fid_bootstrap < 0:
+        if not isinstance(fid_bootstrap, int) or isinstance(fid_bootstrap, bool) or fid_bootstrap < 0:
             raise EvaluationInputError(f"fid_bootstrap must be 0 (off) or a number of resamples, got {fid_bootstrap!r}.")
         self.fid_bootstrap, self.bootstrap_seed = fid_bootstrap, bootstrap_seed
         self.fid_replicates: dict[str, torch.Tensor] = {}  # preset -> resampled FIDs, paired across presets
