@@ -104,7 +104,8 @@ MODELS: dict[str, ModelSpec] = {
     "flux": ModelSpec("Flux.1 transformer", "FluxTransformer2DModel", FLUX_DEV, False),
 }
 
-DIFFQ_PRESETS = ["w8a8", "w4a8", "w4a16", "w4a4", "w4.0a8", "w3.5a8"]
+DIFFQ_PRESETS = ["w8a8", "w4a8", "w4a16", "w4a4", "w4.0a8", "w3.5a8", "w8a8:temporal_bits=8",
+                 "w4a8:temporal_bits=4"]
 PEERS = ["quanto-w8a8", "quanto-w8a16", "quanto-w4a16", "torchao-w8a16", "torchao-w8a8", "torchao-w4a16",
          "torchao-w4a16-intx"]
 
@@ -212,22 +213,38 @@ def _with_upper_bound_extras(
     return replace(config, **changes)
 
 
+def split_spec(preset: str) -> tuple[str, int | None]:
+    """``"w4a8:temporal_bits=4"`` -> ``("w4a8", 4)``: a preset and its ``temporal_bits`` option."""
+    name, _, option = preset.partition(":")
+    if not option:
+        return name, None
+    key, _, value = option.partition("=")
+    if key != "temporal_bits" or not value.isdigit():
+        raise ValueError(f"{preset!r}: the only option memory.py counts is temporal_bits=N.")
+    return name, int(value)
+
+
 def preset_configs(model: nn.Module, preset: str, text_bos: bool = True) -> dict[str, LayerConfig]:
     """Per-layer configs of a uniform preset on ``model`` without calibration statistics: exact for
-    ``-rtn`` presets, calibrated extras at their upper bound otherwise (see the module docstring)."""
+    ``-rtn`` presets, calibrated extras at their upper bound otherwise (see the module docstring).
+    ``preset`` may carry ``:temporal_bits=N`` (the temporal modulation layers weight-only)."""
     from diffq.convert import resolve_config
-    from diffq.presets import get_preset
+    from diffq.presets import get_preset, temporal_config
 
-    recipe = get_preset(preset)
+    name, temporal_bits = split_spec(preset)
+    recipe = get_preset(name)
     if recipe.is_mixed:
         raise ValueError(f"{preset!r} is mixed precision; use mixed_bound().")
     adapter, layers = _layers(model)
-    configs = {name: resolve_config(module, recipe.layer) for name, module in layers.items()}
-    if recipe.calibration is None:
-        return configs
-    splits = adapter.concat_splits(model)
-    bos = adapter.bos_layers(set(layers)) if text_bos else set()
-    return {n: _with_upper_bound_extras(n, layers[n], c, splits, bos) for n, c in configs.items()}
+    configs = {n: resolve_config(module, recipe.layer) for n, module in layers.items()}
+    if recipe.calibration is not None:
+        splits = adapter.concat_splits(model)
+        bos = adapter.bos_layers(set(layers)) if text_bos else set()
+        configs = {n: _with_upper_bound_extras(n, layers[n], c, splits, bos) for n, c in configs.items()}
+    if temporal_bits is not None:
+        config = temporal_config(temporal_bits)
+        configs.update({n: resolve_config(m, config) for n, m in adapter.temporal_layers(model).items()})
+    return configs
 
 
 def mixed_bound(model: nn.Module, preset: str, text_bos: bool = True, budget: float | None = None) -> int:
@@ -270,11 +287,14 @@ def diffq_bytes(model: nn.Module, preset: str, text_bos: bool = True) -> tuple[i
     """Bytes of ``model`` under a diffq preset, a note, and whether the bytes are an upper bound."""
     from diffq.presets import get_preset
 
-    recipe = get_preset(preset)
+    name, temporal_bits = split_spec(preset)
+    recipe = get_preset(name)
     if recipe.is_mixed:
         note = f"at most: codes + branches ≤ {recipe.budget:g} bits per quantized weight"
         return mixed_bound(model, preset, text_bos), note, True
     note = recipe.description.split(",")[0]
+    if temporal_bits is not None:
+        note += f"; temporal modulation layers int{temporal_bits} weight-only"
     return planned_bytes(model, preset_configs(model, preset, text_bos)), note, False
 
 
@@ -414,7 +434,7 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         "MiB: 2^20 bytes. x 4-bit limit: bytes / (params x 0.5). bits/param: 8 x bytes / params. diffq's "
         "calibrated extras are counted at their upper bound; mixed precision (≤) is the bound its integer "
         "program guarantees. diffq keeps first/last layers, embeddings and timestep modulation (AdaLN) "
-        "layers in 16-bit; quanto quantizes every Linear and Conv2d, torchao every Linear. torchao's int4 "
+        "layers in 16-bit (`:temporal_bits=N` rows: the modulation layers int-N weight-only); quanto quantizes every Linear and Conv2d, torchao every Linear. torchao's int4 "
         "weight-only config needs CUDA here (benchmarks/quality.py records the error); its CPU int4 path "
         "(intx) stores one code per byte.",
         machine_line(info),

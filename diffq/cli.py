@@ -49,7 +49,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fp_bytes = diffq.weight_bytes(pipe)
     prompts = _read_prompts(args.prompts)
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
-                   check=not args.no_check, progress=not args.no_progress)
+                   temporal_bits=args.temporal_bits, check=not args.no_check, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     diffq.save(pipe, out)
@@ -60,6 +60,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "denoiser": type(diffq.pipelines.denoiser_of(pipe)).__name__,
         "quantized_layers": len(plan.layers),
         "kept_layers": plan.skipped,
+        "temporal_bits": args.temporal_bits,
         "weight_bytes_fp": fp_bytes,
         "weight_bytes": diffq.weight_bytes(pipe),
         "compression": round(fp_bytes / max(diffq.weight_bytes(pipe), 1), 3),
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to write the quantized pipeline to")
     q.add_argument("--prompts", help="calibration prompts, one per line")
     q.add_argument("--calibration-steps", type=int, default=8)
+    q.add_argument("--temporal-bits", type=int, choices=(4, 8),
+                   help="quantize the temporal modulation layers (AdaLN, time projections) weight-only too; "
+                   "by default they stay 16-bit")
     q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)

@@ -200,6 +200,39 @@ def _plan_choices(
     return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(kept))
 
 
+TEMPORAL_BITS = (4, 8)
+
+
+def weight_only_config(w_bits: int, w_group_size: int | None) -> LayerConfig:
+    """Weight-only quantization (16-bit activations) with MSE-searched weight ranges: for layers whose
+    inputs are not worth quantizing, such as text encoders' and the temporal modulation layers."""
+    return LayerConfig(w_bits=w_bits, w_group_size=w_group_size, a_bits=None, w_clip="mse")
+
+
+def temporal_config(bits: int) -> LayerConfig:
+    """The weight-only config of the temporal modulation layers at ``temporal_bits=bits``: 8 bits per
+    output channel, or 4 in groups of 64.
+
+    These layers (AdaLN modulation, ResNet time projections) read the timestep embedding, one vector
+    per image rather than a token sequence, so their activations stay 16-bit and only their weights,
+    which are large in AdaLN models such as Flux, shrink.
+    """
+    if bits not in TEMPORAL_BITS:
+        raise QuantizationInputError(
+            f"temporal_bits={bits!r}; use 8 (per channel) or 4 (groups of 64), or None to keep those layers 16-bit."
+        )
+    return weight_only_config(bits, None if bits == 8 else 64)
+
+
+def with_temporal_layers(plan: QuantPlan, temporal: dict[str, nn.Module], config: LayerConfig) -> QuantPlan:
+    """``plan`` with the ``temporal`` layers, which it keeps in 16-bit, quantized with ``config``
+    (:func:`temporal_config`) instead. A mixed-precision budget covers the layers the integer program
+    allocates, not these."""
+    added = {name: resolve_config(module, config) for name, module in temporal.items()}
+    skipped = {name: reason for name, reason in plan.skipped.items() if name not in added}
+    return replace(plan, layers={**plan.layers, **added}, skipped=skipped)
+
+
 def build_plan(
     recipe: Recipe,
     layers: dict[str, nn.Module],

@@ -54,7 +54,9 @@ def _flag(value: str) -> bool:
     raise ValueError(f"{value!r} is not true or false")
 
 
-PRESET_OPTIONS = {"rank": int, "activations": str, "budget": float, "sensitivity": str, "check": _flag}
+PRESET_OPTIONS = {
+    "rank": int, "activations": str, "budget": float, "sensitivity": str, "check": _flag, "temporal_bits": int,
+}
 
 Method = Callable[[Any], int | None]
 """An extra quantizer for :func:`evaluate`: quantizes the pipeline it is given in place and returns
@@ -85,7 +87,8 @@ def parse_presets(presets: str | Sequence[str]) -> list[str]:
     A preset may carry options for ``diffq.quantize`` after a colon, ``;``-separated:
     ``w4a4:rank=0``, ``mixed:budget=3.5``, ``w8a8-rtn:activations=dynamic``,
     ``w3.5a8:sensitivity=sens.json`` (a saved sensitivity analysis for mixed precision),
-    ``w4.0a8:check=false`` (the integer program's plan without the end-to-end check).
+    ``w4.0a8:check=false`` (the integer program's plan without the end-to-end check),
+    ``w4a8:temporal_bits=8`` (the temporal modulation layers weight-only too).
     """
     import diffq
 

@@ -22,8 +22,10 @@ LayerGroup = Literal["content", "quality"]
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 # Linear layers that read the timestep/conditioning embedding (AdaLN modulation, time projections)
-# see few distinct inputs per step and steer every block: 16-bit by rule, in every architecture.
+# see few distinct inputs per step and steer every block: 16-bit by rule, in every architecture
+# (``diffq.quantize(..., temporal_bits=8)`` quantizes their weights only).
 _TEMPORAL = ("*time_emb_proj", "*norm1.linear", "*norm1_context.linear", "*norm.linear", "norm_out.linear")
+TEMPORAL_REASON = "temporal modulation (reads the timestep embedding)"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,14 @@ class Adapter:
 
     def group_of(self, name: str) -> LayerGroup:
         return "content" if any(fnmatchcase(name, p) for p in self.content_patterns) else "quality"
+
+    def temporal_layers(self, denoiser: nn.Module) -> dict[str, nn.Linear]:
+        """The Linear layers kept in 16-bit because they read the timestep embedding."""
+        _, kept = self.layers(denoiser)
+        return {
+            name: module for name, reason in kept.items()
+            if reason == TEMPORAL_REASON and isinstance(module := denoiser.get_submodule(name), nn.Linear)
+        }
 
     def layers(self, denoiser: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         """``(quantizable layers, kept layers with reasons)`` among the denoiser's Linear/Conv2d."""
@@ -99,7 +109,7 @@ def _keep(first: tuple[str, ...], last: tuple[str, ...], embeddings: tuple[str, 
     rules = {p: "first layer" for p in first}
     rules.update({p: "last layer" for p in last})
     rules.update({p: "time/condition embedding" for p in embeddings})
-    rules.update({p: "temporal modulation (reads the timestep embedding)" for p in _TEMPORAL})
+    rules.update(dict.fromkeys(_TEMPORAL, TEMPORAL_REASON))
     return rules
 
 
@@ -183,7 +193,7 @@ WAN = Adapter(
     name="wan",
     denoiser_classes=("WanTransformer3DModel",),
     keep_full_precision={
-        "condition_embedder.time_proj": "temporal modulation (reads the timestep embedding)",
+        "condition_embedder.time_proj": TEMPORAL_REASON,
         **_keep(first=("patch_embedding",), last=("proj_out",), embeddings=("condition_embedder.*",)),
     },
     content_patterns=("*attn2.*", "*.ffn.*"),

@@ -30,15 +30,17 @@ import memory  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
 
-UNIFORM = ["w8a8", "w4a8", "w4a16", "w4a4", "w8a8-rtn", "w4a8-rtn", "w4a4-rtn", "w8a16"]
+UNIFORM = ["w8a8", "w4a8", "w4a16", "w4a4", "w8a8-rtn", "w4a8-rtn", "w4a4-rtn", "w8a16", "w4a8:temporal_bits=4"]
 
 
-def _quantized(builder, preset: str):
-    """(float copy of the denoiser, pipeline quantized with ``preset``) on a tiny pipeline."""
+def _quantized(builder, spec: str):
+    """(float copy of the denoiser, pipeline quantized with ``spec``, e.g. ``w4a8:temporal_bits=4``)
+    on a tiny pipeline."""
+    preset, temporal_bits = memory.split_spec(spec)
     pipe = builder()
     float_copy = copy.deepcopy(denoiser_of(pipe))
     diffq.quantize(pipe, preset, calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False,
-                   **tiny_call_kwargs(pipe))
+                   temporal_bits=temporal_bits, **tiny_call_kwargs(pipe))
     return float_copy, pipe
 
 
@@ -97,6 +99,8 @@ def test_memory_script_on_meta_models(tmp_path, capsys):
     assert rows["w4a8"]["bytes"] < rows["w8a8"]["bytes"] < rows["fp16"]["bytes"]
     assert rows["w4a4"]["bytes"] > rows["w4a8"]["bytes"]  # the 16-bit branch
     assert rows["w3.5a8"]["bytes"] < rows["w4.0a8"]["bytes"] and rows["w3.5a8"]["bound"]
+    assert rows["w4a8:temporal_bits=4"]["bytes"] < rows["w4a8"]["bytes"]  # the ResNet time projections shrink
+    assert rows["w8a8:temporal_bits=8"]["bytes"] < rows["w8a8"]["bytes"]
     assert set(rows) >= set(memory.PEERS)
     out = capsys.readouterr().out
     assert "SD 1.5 UNet" in out and "Machine:" in out and "no GPU" in out or torch.cuda.is_available()

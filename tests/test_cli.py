@@ -19,10 +19,11 @@ def test_quantize_then_generate(float_folder, tmp_path, capsys):
     prompts.write_text("a red circle\na blue square\n")
     code = main([
         "quantize", str(float_folder), "--preset", "w4a8", "--out", str(out),
-        "--prompts", str(prompts), "--calibration-steps", "2", "--no-progress",
+        "--prompts", str(prompts), "--calibration-steps", "2", "--temporal-bits", "8", "--no-progress",
     ])
     assert code == 0
     report = json.loads((out / "diffq_report.json").read_text())
+    assert report["temporal_bits"] == 8 and not any(n.endswith("time_emb_proj") for n in report["kept_layers"])
     assert report["preset"] == "w4a8" and report["denoiser"] == "UNet2DConditionModel"
     assert report["weight_bytes"] < report["weight_bytes_fp"]
     assert "conv_in" in report["kept_layers"]

@@ -147,6 +147,36 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert np.array_equal(run_tiny(loaded), expected)
 
 
+def test_temporal_bits_quantizes_the_modulation_layers_weight_only(tmp_path):
+    pipe = tiny_sd_pipeline()
+    reference = run_tiny(pipe)
+    plain = quantize_tiny(tiny_sd_pipeline(), "w4a8")
+    temporal = adapter_for(pipe.unet).temporal_layers(pipe.unet)
+    assert temporal and all(name.endswith("time_emb_proj") for name in temporal)
+    quantize_tiny(pipe, "w4a8", temporal_bits=8)
+    plan = plan_of(pipe.unet)
+    for name in temporal:
+        assert name not in plan.skipped and isinstance(pipe.unet.get_submodule(name), diffq.QuantizedLinear)
+        config = plan.layers[name]
+        assert (config.w_bits, config.w_group_size, config.a_bits, config.w_clip) == (8, None, None, "mse")
+    assert {n: c for n, c in plan.layers.items() if n not in temporal} == plan_of(plain.unet).layers
+    assert set(plan.skipped) == set(plan_of(plain.unet).skipped) - set(temporal)
+    assert diffq.weight_bytes(pipe) < diffq.weight_bytes(plain)
+    images = run_tiny(pipe)
+    assert psnr(images, reference) >= psnr(run_tiny(plain), reference) - 0.5  # 8-bit time projections cost little
+    diffq.save(pipe, tmp_path / "q")
+    assert np.array_equal(run_tiny(diffq.load(tmp_path / "q")), images)
+
+    four = quantize_tiny(tiny_sd_pipeline(), "w4a8", temporal_bits=4)
+    assert {plan_of(four.unet).layers[n].w_bits for n in temporal} == {4}
+    assert diffq.weight_bytes(four) < diffq.weight_bytes(pipe)
+
+
+def test_temporal_bits_must_be_4_or_8():
+    with pytest.raises(diffq.QuantizationInputError, match="temporal_bits=5.*use 8"):
+        diffq.quantize(tiny_sd_pipeline(), "w4a8", temporal_bits=5, progress=False)
+
+
 def test_truncated_checkpoint_gives_clear_error(tmp_path):
     pipe = quantize_tiny(tiny_sd_pipeline(), "w8a16")
     diffq.save(pipe, tmp_path / "q")

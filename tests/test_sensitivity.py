@@ -13,7 +13,7 @@ import torch
 
 import diffq
 from diffq.allocation import LayerShape
-from diffq.pipelines import adapter_for
+from diffq.pipelines import adapter_for, denoiser_of
 from diffq.pipelines import sensitivity as runner
 from diffq.pipelines.serialization import plan_of
 from diffq.pipelines.testing import (
@@ -209,8 +209,9 @@ def test_compare_plans_scores_each_plan_and_leaves_the_denoiser_float():
 
 def lying_sensitivity(pipe):
     """Scores that call 2-bit weights free and 4-bit ones ruinous: the program's plan is mostly w2."""
-    layers, _ = adapter_for(pipe.transformer).layers(pipe.transformer)
-    groups = {n: adapter_for(pipe.transformer).group_of(n) for n in layers}
+    denoiser = denoiser_of(pipe)
+    layers, _ = adapter_for(denoiser).layers(denoiser)
+    groups = {n: adapter_for(denoiser).group_of(n) for n in layers}
     scores = {
         n: {"w2a8": 90.0, "w4a8": 10.0, "w8a8": 90.0} if g == "quality" else {"w2a8": 1.0, "w4a8": 0.5, "w8a8": 1.0}
         for n, g in groups.items()
@@ -236,14 +237,30 @@ def test_mixed_keeps_the_uniform_plan_when_its_own_plan_is_worse_end_to_end():
     assert_installed_like_a_fresh_conversion(checked, **common)
 
 
-def assert_installed_like_a_fresh_conversion(pipe, calibration, num_calibration_steps, progress, **kwargs):
+def test_checked_mixed_plan_quantizes_the_temporal_layers_too():
+    """With temporal_bits, the layers the check installs and the temporal layers it never saw both end
+    up quantized, as a fresh conversion of the kept plan would give them."""
+    common = dict(calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False,
+                  **tiny_call_kwargs(tiny_sd_pipeline()))
+    pipe = tiny_sd_pipeline()
+    temporal = adapter_for(pipe.unet).temporal_layers(pipe.unet)
+    with pytest.warns(diffq.PlanCheckWarning):
+        diffq.quantize(pipe, "w4.0a8", sensitivity=lying_sensitivity(pipe), temporal_bits=8, **common)
+    plan = plan_of(pipe.unet)
+    assert temporal and {plan.layers[n].w_bits for n in temporal} == {8} and not set(temporal) & set(plan.skipped)
+    assert_installed_like_a_fresh_conversion(pipe, builder=tiny_sd_pipeline, **common)
+
+
+def assert_installed_like_a_fresh_conversion(
+    pipe, calibration, num_calibration_steps, progress, builder=tiny_pixart_pipeline, **kwargs
+):
     """The layers the check left installed equal converting the kept plan on a fresh float copy."""
-    plan = plan_of(pipe.transformer)
-    fresh = tiny_pixart_pipeline()
+    plan = plan_of(denoiser_of(pipe))
+    fresh = builder()
     stats = diffq.calibrate(fresh, calibration, num_inference_steps=num_calibration_steps, progress=False, **kwargs)
     diffq.convert(fresh, plan, stats, progress=False)
     for name in plan.layers:
-        assert isinstance(pipe.transformer.get_submodule(name), (diffq.QuantizedLinear, diffq.QuantizedConv2d))
+        assert isinstance(denoiser_of(pipe).get_submodule(name), (diffq.QuantizedLinear, diffq.QuantizedConv2d))
     np.testing.assert_array_equal(run_tiny(pipe, steps=2), run_tiny(fresh, steps=2))
 
 
