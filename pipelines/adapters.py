@@ -105,8 +105,13 @@ def unet_concat_splits(unet: nn.Module) -> dict[str, int]:
     return splits
 
 
-def _keep(first: tuple[str, ...], last: tuple[str, ...], embeddings: tuple[str, ...]) -> dict[str, str]:
-    rules = {p: "first layer" for p in first}
+def _keep(
+    first: tuple[str, ...], last: tuple[str, ...], embeddings: tuple[str, ...], modulation: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """Keep rules; ``modulation``: the architecture's own temporal layers, matched before the others
+    (e.g. adaLN-single's linear layer inside an embedding module that otherwise stays 16-bit)."""
+    rules = dict.fromkeys(modulation, TEMPORAL_REASON)
+    rules.update({p: "first layer" for p in first})
     rules.update({p: "last layer" for p in last})
     rules.update({p: "time/condition embedding" for p in embeddings})
     rules.update(dict.fromkeys(_TEMPORAL, TEMPORAL_REASON))
@@ -136,10 +141,12 @@ PIXART = Adapter(
         first=("pos_embed.proj",),
         last=("proj_out",),
         embeddings=("adaln_single.*", "caption_projection.*"),
+        modulation=("adaln_single.linear",),
     ),
     content_patterns=("*attn2.*", "*.ff.*"),
     bos_patterns=("*attn2.to_k", "*attn2.to_v"),
-    notes="PixArt-α/Σ: patch embedding, proj_out, adaLN-single and caption projection stay 16-bit; "
+    notes="PixArt-α/Σ: patch embedding, proj_out, adaLN-single (its timestep embedder, and the linear "
+    "layer that makes every block's modulation) and caption projection stay 16-bit; "
     "cross-attention and feed-forward are content layers.",
 )
 
@@ -150,6 +157,7 @@ DIT = Adapter(
         first=("pos_embed.proj",),
         last=("proj_out", "proj_out_1", "proj_out_2"),
         embeddings=("*norm1.emb.*", "adaln_single.*", "caption_projection.*"),
+        modulation=("adaln_single.linear",),
     ),
     content_patterns=("*attn2.*", "*.ff.*"),
     notes="Class-conditional DiT: patch embedding, output projections and the adaLN-Zero class/time "
@@ -178,6 +186,7 @@ SANA = Adapter(
             first=("patch_embed.proj",),
             last=("proj_out",),
             embeddings=("time_embed.*", "caption_projection.*"),
+            modulation=("time_embed.linear",),
         ),
         "*ff.conv_depth": "depthwise 3x3 convolution (9 weights per channel, no matrix multiply to speed up)",
     },
@@ -192,10 +201,12 @@ SANA = Adapter(
 WAN = Adapter(
     name="wan",
     denoiser_classes=("WanTransformer3DModel",),
-    keep_full_precision={
-        "condition_embedder.time_proj": TEMPORAL_REASON,
-        **_keep(first=("patch_embedding",), last=("proj_out",), embeddings=("condition_embedder.*",)),
-    },
+    keep_full_precision=_keep(
+        first=("patch_embedding",),
+        last=("proj_out",),
+        embeddings=("condition_embedder.*",),
+        modulation=("condition_embedder.time_proj",),
+    ),
     content_patterns=("*attn2.*", "*.ffn.*"),
     bos_patterns=("*attn2.to_k", "*attn2.to_v"),
     notes="Wan video transformers: the 3D patch embedding (a Conv3d, never quantized), proj_out and the "

@@ -9,7 +9,14 @@ import diffq
 from diffq.modules import QUANTIZED_MODULES
 from diffq.pipelines import adapter_for, denoiser_of
 from diffq.pipelines.serialization import plan_of
-from diffq.pipelines.testing import TINY_BUILDERS, TINY_PROMPTS, run_tiny, tiny_call_kwargs, tiny_sd_pipeline
+from diffq.pipelines.testing import (
+    TINY_ARCHITECTURES,
+    TINY_BUILDERS,
+    TINY_PROMPTS,
+    run_tiny,
+    tiny_call_kwargs,
+    tiny_sd_pipeline,
+)
 
 # PSNR (dB) of the quantized images against the float images of the same seed, 2 steps.
 PSNR_FLOOR = {"w8a8": 30.0, "w8a8-rtn": 30.0, "w4a8": 20.0, "w4a8-rtn": 20.0, "w4a16": 22.0}
@@ -170,6 +177,27 @@ def test_temporal_bits_quantizes_the_modulation_layers_weight_only(tmp_path):
     four = quantize_tiny(tiny_sd_pipeline(), "w4a8", temporal_bits=4)
     assert {plan_of(four.unet).layers[n].w_bits for n in temporal} == {4}
     assert diffq.weight_bytes(four) < diffq.weight_bytes(pipe)
+
+
+TEMPORAL_SUFFIXES = {  # the layers that read the timestep embedding, per architecture family
+    "unet": ("time_emb_proj",),
+    "pixart": ("adaln_single.linear",),
+    "mmdit": ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear"),
+    "sana": ("time_embed.linear",),
+    "dit": ("norm1.linear", "adaln_single.linear"),
+    "wan": ("condition_embedder.time_proj",),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
+def test_every_architecture_names_its_temporal_layers(arch):
+    denoiser = denoiser_of(TINY_ARCHITECTURES[arch](0))
+    adapter = adapter_for(denoiser)
+    temporal = adapter.temporal_layers(denoiser)
+    assert temporal and all(isinstance(m, nn.Linear) for m in temporal.values())
+    assert all(name.endswith(TEMPORAL_SUFFIXES[adapter.name]) for name in temporal)
+    _, kept = adapter.layers(denoiser)
+    assert {n for n, reason in kept.items() if "reads the timestep" in reason} == set(temporal)
 
 
 def test_temporal_bits_must_be_4_or_8():
