@@ -284,7 +284,7 @@ def quantize(
             weight-only with the preset's weight bits.
         temporal_bits: the denoiser's temporal modulation layers (AdaLN modulation, ResNet time
             projections), kept in 16-bit by default, are quantized weight-only: ``8`` per channel or
-            ``4`` in groups of 64. On Flux.1 they hold 27% of the weights (README, "Memory").
+            ``4`` in groups of 64. On Flux.1 they hold 27% of the weights (README, "Presets").
         check: mixed precision only: generate the calibration prompts with the solved plan and
             with the best uniform plan within the budget, and keep the one closer to full
             precision (the plan's ``note`` says which, with both scores).
