@@ -125,6 +125,32 @@ def largest_group_size(cols: int, requested: int, minimum: int = 8) -> int | Non
     return None
 
 
+def block_range(blocks: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What each block's scale is computed from: ``(absmax, None)`` for a symmetric format, else
+    ``(lo, hi)``, the block's range widened to include zero. ``blocks`` is a :func:`block_view`."""
+    if fmt.symmetric:
+        return blocks.abs().amax(dim=-1), None
+    return blocks.amin(dim=-1).clamp_max(0), blocks.amax(dim=-1).clamp_min(0)
+
+
+def range_scales(
+    low: torch.Tensor, high: torch.Tensor | None, fmt: IntFormat, clip_ratio: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) from a :func:`block_range`, shrunk by ``clip_ratio``."""
+    tiny = torch.finfo(torch.float32).tiny
+    if high is None:
+        absmax = low * clip_ratio
+        scale = (absmax / fmt.qmax).clamp_min(tiny)
+        # All-zero blocks get scale 1 so codes are exactly zero and nothing divides by ~0.
+        scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
+        return scale, None
+    lo, hi = low * clip_ratio, high * clip_ratio
+    span = hi - lo
+    scale = torch.where(span > 0, span / fmt.qmax, torch.ones_like(span)).clamp_min(tiny)
+    zero = torch.round(-lo / scale).clamp(0, fmt.qmax)
+    return scale, zero
+
+
 def compute_scales(
     x: torch.Tensor, fmt: IntFormat, clip_ratio: float | torch.Tensor = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,20 +158,20 @@ def compute_scales(
     if x.dim() != 2:
         raise QuantizationInputError(f"expected a 2-D tensor, got shape {tuple(x.shape)}.")
     check_finite(x)
-    blocks = block_view(x.float(), fmt)
-    tiny = torch.finfo(torch.float32).tiny
-    if fmt.symmetric:
-        absmax = blocks.abs().amax(dim=-1) * clip_ratio
-        scale = (absmax / fmt.qmax).clamp_min(tiny)
-        # All-zero blocks get scale 1 so codes are exactly zero and nothing divides by ~0.
-        scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
-        return scale, None
-    lo = blocks.amin(dim=-1).clamp_max(0) * clip_ratio
-    hi = blocks.amax(dim=-1).clamp_min(0) * clip_ratio
-    span = hi - lo
-    scale = torch.where(span > 0, span / fmt.qmax, torch.ones_like(span)).clamp_min(tiny)
-    zero = torch.round(-lo / scale).clamp(0, fmt.qmax)
-    return scale, zero
+    return range_scales(*block_range(block_view(x.float(), fmt), fmt), fmt, clip_ratio)
+
+
+def fake_quantize_blocks(
+    blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: IntFormat
+) -> torch.Tensor:
+    """The float32 values :func:`quantize` then :func:`dequantize` give a :func:`block_view`, without
+    making the integer codes (a new tensor; ``blocks`` is not changed)."""
+    s = scale.unsqueeze(-1)
+    q = torch.round(blocks / s)
+    if zero is None:
+        return q.clamp_(fmt.qmin, fmt.qmax).mul_(s)
+    z = zero.unsqueeze(-1)
+    return q.add_(z).clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
 
 
 def quantize(
@@ -187,7 +213,7 @@ def fake_quantize(x: torch.Tensor, fmt: IntFormat, clip_ratio: float = 1.0) -> t
     shape = x.shape
     flat = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
     scale, zero = compute_scales(flat, fmt, clip_ratio)
-    return quantize(flat, fmt, scale, zero).dequantize(x.dtype).reshape(shape)
+    return fake_quantize_blocks(block_view(flat.float(), fmt), scale, zero, fmt).reshape(shape).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- fp8

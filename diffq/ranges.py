@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffq.formats import IntFormat, block_view, compute_scales, quantize
+from diffq.formats import IntFormat, block_range, block_view, check_finite, fake_quantize_blocks, range_scales
 from diffq.kernels.reference import fake_quantize_activations
 
 WEIGHT_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
@@ -23,13 +23,18 @@ def search_weight_clip(
     multiply it) weights the error so that columns that meet large inputs are kept accurate.
     """
     weight = weight.float()
-    weights = torch.ones_like(weight) if importance is None else importance.float().expand_as(weight)
+    check_finite(weight)
+    blocks = block_view(weight, fmt)
+    weights = None if importance is None else block_view(importance.float().expand_as(weight), fmt)
+    low, high = block_range(blocks, fmt)  # the block ranges, once; each candidate only rescales them
     best_err: torch.Tensor | None = None
     best_ratio: torch.Tensor | None = None
     for ratio in candidates:
-        scale, zero = compute_scales(weight, fmt, ratio)
-        restored = quantize(weight, fmt, scale, zero).dequantize()
-        err = (block_view((restored - weight).pow(2) * weights, fmt)).sum(dim=-1)
+        scale, zero = range_scales(low, high, fmt, ratio)
+        err = fake_quantize_blocks(blocks, scale, zero, fmt).sub_(blocks).pow_(2)
+        if weights is not None:
+            err.mul_(weights)
+        err = err.sum(dim=-1)
         if best_err is None:
             best_err, best_ratio = err, torch.full_like(err, ratio)
         else:

@@ -34,9 +34,11 @@ def layer_error(
     dynamic: bool,
     rank: int = 0,
     a_group_size: int | None = None,
+    reference: torch.Tensor | None = None,
 ) -> float:
-    """Mean squared output error of a quantized linear layer on sampled input rows."""
-    reference = rows @ weight.t()
+    """Mean squared output error of a quantized linear layer on sampled input rows (``reference``:
+    the float output ``rows @ weight.T``, when the caller already has it)."""
+    reference = rows @ weight.t() if reference is None else reference
     x, w = rows, weight
     absmax = act_absmax
     if smooth is not None:
@@ -69,7 +71,7 @@ def search_alpha(
     """
     rows, weight = rows.float(), weight.float()
     best_alpha: float | None = None
-    extra = {"rank": rank, "a_group_size": a_group_size}
+    extra = {"rank": rank, "a_group_size": a_group_size, "reference": rows @ weight.t()}
     best = layer_error(rows, weight, w_fmt, a_bits, act_absmax, None, dynamic, **extra)
     for alpha in candidates:
         smooth = smoothing_vector(act_absmax, weight, alpha)

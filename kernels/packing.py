@@ -34,6 +34,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise QuantizationInputError(f"codes exceed {bits} bits; quantize them before packing.")
     if bits == 8:
         return codes.clone()
+    if bits in (2, 4):  # whole codes per byte: shift and OR, without the bit-stream detour
+        per_byte = 8 // bits
+        pad = (-codes.shape[-1]) % per_byte
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        lanes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+        packed = lanes[..., 0].clone()
+        for lane in range(1, per_byte):
+            packed |= lanes[..., lane] << (lane * bits)
+        return packed
     *lead, cols = codes.shape
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(*lead, cols * bits)  # LSB first

@@ -90,6 +90,23 @@ def test_clip_ratio_shrinks_scales():
     assert torch.allclose(clipped, full * 0.5)
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [IntFormat(4, True, "group", 64), IntFormat(4, False, "group", 64), IntFormat(3, True, "group", 32),
+     IntFormat(8, True, "channel"), IntFormat(8, False, "tensor")],
+    ids=["int4-sym-g64", "int4-asym-g64", "int3-g32", "int8-channel", "int8-asym-tensor"],
+)
+def test_fake_quantize_equals_quantize_then_dequantize(fmt):
+    """The code-free path used by the range and smoothing searches gives exactly the stored values."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 128) * 3
+    x[1] = 0  # an all-zero row: scale 1, codes 0
+    x[2] = x[2].abs() + 1  # all positive: the asymmetric range is widened to include zero
+    for ratio in (1.0, 0.8):
+        scale, zero = compute_scales(x, fmt, ratio)
+        assert torch.equal(fake_quantize(x, fmt, ratio), quantize(x, fmt, scale, zero).dequantize())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("cols", [1, 7, 64, 129])
 def test_pack_unpack_round_trip(bits, cols):
