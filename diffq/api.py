@@ -112,6 +112,7 @@ def allocate(
     prompts: Sequence[str] | None = None,
     num_inference_steps: int = 8,
     call_kwargs: Mapping[str, Any] | None = None,
+    temporal_bits: int | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> QuantPlan:
@@ -127,7 +128,9 @@ def allocate(
     ``prompts`` (default: the first four calibration prompts) at ``num_inference_steps`` with
     ``call_kwargs``, and the one closer to full precision is returned (see its ``note``).
     ``overrides`` replace fields of a uniform preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
+    ``temporal_bits`` adds the temporal modulation layers, weight-only (see :func:`quantize`).
     """
+    temporal = temporal_config(temporal_bits) if temporal_bits is not None else None
     bare = not _is_pipeline(target)
     model = target if bare else denoiser_of(target)
     adapter = _adapter(model, bare=bare)
@@ -145,7 +148,7 @@ def allocate(
             target, recipe, plan, layers, kept, stats, sensitivity, budget, splits, probe_prompts,
             num_inference_steps, progress=progress, **dict(call_kwargs or {}),
         )
-    return plan
+    return plan if temporal is None else with_temporal_layers(plan, adapter.temporal_layers(model), temporal)
 
 
 def sensitivity(

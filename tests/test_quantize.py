@@ -179,6 +179,18 @@ def test_temporal_bits_quantizes_the_modulation_layers_weight_only(tmp_path):
     assert diffq.weight_bytes(four) < diffq.weight_bytes(pipe)
 
 
+def test_allocate_then_convert_with_temporal_bits_equals_quantize():
+    kwargs = tiny_call_kwargs(tiny_sd_pipeline())
+    pipe = tiny_sd_pipeline()
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:2], num_inference_steps=2, progress=False, **kwargs)
+    plan = diffq.allocate(pipe, stats, preset="w4a8", temporal_bits=4, progress=False)
+    assert {plan.layers[n].w_bits for n in adapter_for(pipe.unet).temporal_layers(pipe.unet)} == {4}
+    diffq.convert(pipe, plan, stats, progress=False)
+    direct = quantize_tiny(tiny_sd_pipeline(), "w4a8", temporal_bits=4)
+    assert plan_of(direct.unet) == plan
+    assert np.array_equal(run_tiny(pipe), run_tiny(direct))
+
+
 TEMPORAL_SUFFIXES = {  # the layers that read the timestep embedding, per architecture family
     "unet": ("time_emb_proj",),
     "pixart": ("adaln_single.linear",),
