@@ -30,6 +30,7 @@ from diffq.pipelines.serialization import (
     save_quantized,
 )
 from diffq.plan import QuantPlan
+from diffq.planning import PlanInputs
 from diffq.presets import (
     Recipe,
     build_plan,
@@ -137,16 +138,16 @@ def allocate(
     layers, kept = adapter.layers(model)
     if sensitivity is not None and not isinstance(sensitivity, Sensitivity):
         sensitivity = Sensitivity.load(sensitivity)
-    recipe, splits = get_preset(preset), adapter.concat_splits(model)
+    recipe, inputs = get_preset(preset), PlanInputs(layers, kept, stats, adapter.concat_splits(model))
     plan = build_plan(
-        recipe, layers, kept, stats, splits, progress=progress, sensitivity=sensitivity, budget=budget,
-        content_share=content_share, **overrides,
+        recipe, inputs, progress=progress, sensitivity=sensitivity, budget=budget, content_share=content_share,
+        **overrides,
     )
     if recipe.is_mixed and check and not bare:
         probe_prompts = list(prompts) if prompts is not None else default_prompts(target)[:4]
         plan, _ = keep_better_than_uniform(
-            target, recipe, plan, layers, kept, stats, sensitivity, budget, splits, probe_prompts,
-            num_inference_steps, progress=progress, **dict(call_kwargs or {}),
+            target, recipe, plan, inputs, sensitivity, budget, probe_prompts, num_inference_steps,
+            progress=progress, **dict(call_kwargs or {}),
         )
     return plan if temporal is None else with_temporal_layers(plan, adapter.temporal_layers(model), temporal)
 
@@ -347,15 +348,13 @@ def quantize(
             )
         elif not isinstance(sensitivity, Sensitivity):
             sensitivity = Sensitivity.load(sensitivity)
-    splits = adapter.concat_splits(denoiser)
-    plan = build_plan(
-        recipe, layers, kept, stats, splits, progress=progress, sensitivity=sensitivity, budget=budget, **overrides,
-    )
+    inputs = PlanInputs(layers, kept, stats, adapter.concat_splits(denoiser))
+    plan = build_plan(recipe, inputs, progress=progress, sensitivity=sensitivity, budget=budget, **overrides)
     installed = False
     if recipe.is_mixed and check:
         plan, installed = keep_better_than_uniform(
-            resolved, recipe, plan, layers, kept, stats, sensitivity, budget, splits, probe_prompts,
-            num_calibration_steps, progress=progress, install=True, **calibration_kwargs,
+            resolved, recipe, plan, inputs, sensitivity, budget, probe_prompts, num_calibration_steps,
+            progress=progress, install=True, **calibration_kwargs,
         )
     if temporal is not None:
         plan = with_temporal_layers(plan, adapter.temporal_layers(denoiser), temporal)

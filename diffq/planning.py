@@ -9,7 +9,7 @@ searched on the sampled inputs. Clipping methods are recorded for :mod:`diffq.co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,6 +40,18 @@ class CalibrationOptions:
     a_clip: ClipMethod = "minmax"
     bos: bool = True
     split_concat: bool = True
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan is built from: the denoiser's quantizable layers, the layers it keeps in 16-bit
+    (with the reason), its calibration statistics (``None`` for ``-rtn`` presets), and the channel
+    where each UNet skip concatenation's second part starts."""
+
+    layers: dict[str, nn.Module]
+    kept: dict[str, str] = field(default_factory=dict)
+    stats: CalibrationStats | None = None
+    splits: dict[str, int] = field(default_factory=dict)
 
 
 def plan_layer(
@@ -81,22 +93,15 @@ def plan_layer(
 
 
 def calibrated_plan(
-    preset: str,
-    base: LayerConfig,
-    options: CalibrationOptions,
-    layers: dict[str, nn.Module],
-    kept: dict[str, str],
-    stats: CalibrationStats | None,
-    splits: dict[str, int] | None = None,
-    progress: bool = True,
+    preset: str, base: LayerConfig, options: CalibrationOptions, inputs: PlanInputs, progress: bool = True
 ) -> QuantPlan:
-    """A plan whose layers start from ``base`` and are tuned from ``stats``."""
+    """A plan whose layers start from ``base`` and are tuned from ``inputs.stats``."""
+    stats = inputs.stats
     if stats is None:
         raise QuantizationInputError(
             f"preset {preset!r} is calibrated: pass calibration statistics (diffq.calibrate) or use {preset}-rtn."
         )
-    splits = splits or {}
     planned = {}
-    for name, module in tqdm(layers.items(), desc="diffq: planning layers", disable=not progress):
-        planned[name] = plan_layer(name, module, resolve_config(module, base), options, stats, splits.get(name))
-    return QuantPlan(preset=preset, layers=planned, skipped=dict(kept))
+    for name, module in tqdm(inputs.layers.items(), desc="diffq: planning layers", disable=not progress):
+        planned[name] = plan_layer(name, module, resolve_config(module, base), options, stats, inputs.splits.get(name))
+    return QuantPlan(preset=preset, layers=planned, skipped=dict(inputs.kept))

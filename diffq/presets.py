@@ -17,11 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.allocation import LayerShape, allocate_bits
-from diffq.calibration import CalibrationStats
 from diffq.convert import layer_columns, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError, UnknownPresetError
 from diffq.plan import LayerConfig, QuantPlan
-from diffq.planning import CalibrationOptions, calibrated_plan, plan_layer
+from diffq.planning import CalibrationOptions, PlanInputs, calibrated_plan, plan_layer
 from diffq.sensitivity import Candidate, Sensitivity, candidate_config, default_candidates
 
 
@@ -116,41 +115,35 @@ def measured_candidates(
 
 def mixed_plan(
     recipe: Recipe,
-    layers: dict[str, nn.Module],
-    kept: dict[str, str],
-    stats: CalibrationStats | None,
+    inputs: PlanInputs,
     sensitivity: Sensitivity | None,
     budget: float | None,
-    splits: dict[str, int] | None = None,
     progress: bool = True,
     content_share: float | None = None,
 ) -> QuantPlan:
-    """Allocate bits by integer programming, then tune each layer's config from ``stats``.
+    """Allocate bits by integer programming, then tune each layer's config from ``inputs.stats``.
 
     ``content_share``: split the budget between the metric groups (MixDQ) instead of one joint program.
     """
     budget = budget if budget is not None else recipe.budget
     if budget is None:
         raise QuantizationInputError(f"preset {recipe.name!r} needs a budget, e.g. budget=4.0 average weight bits.")
-    if stats is None or sensitivity is None:
+    if inputs.stats is None or sensitivity is None:
         raise QuantizationInputError(
             f"mixed precision needs calibration statistics and a sensitivity analysis (diffq.calibrate, "
             f"diffq.sensitivity) for preset {recipe.name!r}."
         )
-    shapes = {n: layer_shape(m) for n, m in layers.items()}
+    shapes = {n: layer_shape(m) for n, m in inputs.layers.items()}
     candidates = measured_candidates(sensitivity, shapes, recipe.candidates)
     allocation = allocate_bits(sensitivity, shapes, candidates, budget, content_share=content_share)
-    return _plan_choices(recipe, layers, kept, stats, allocation.choice, splits, progress)
+    return _plan_choices(recipe, inputs, allocation.choice, progress)
 
 
 def uniform_alternative(
     recipe: Recipe,
-    layers: dict[str, nn.Module],
-    kept: dict[str, str],
-    stats: CalibrationStats,
+    inputs: PlanInputs,
     sensitivity: Sensitivity,
     budget: float | None,
-    splits: dict[str, int] | None = None,
     planned: QuantPlan | None = None,
 ) -> tuple[Candidate, QuantPlan] | None:
     """The uniform plan a mixed recipe's integer program could also have chosen: the candidate
@@ -162,7 +155,7 @@ def uniform_alternative(
     budget = budget if budget is not None else recipe.budget
     if budget is None:
         return None
-    shapes = {n: layer_shape(m) for n, m in layers.items()}
+    shapes = {n: layer_shape(m) for n, m in inputs.layers.items()}
     fitting = [
         c for c in measured_candidates(sensitivity, shapes, recipe.candidates) if c.rank == 0 and c.w_bits <= budget + 1e-9
     ]
@@ -173,31 +166,28 @@ def uniform_alternative(
         name: config for name, config in (planned.layers.items() if planned is not None else ())
         if (config.w_bits, config.a_bits, config.rank) == (best.w_bits, best.a_bits, best.rank)
     }
-    return best, _plan_choices(recipe, layers, kept, stats, dict.fromkeys(layers, best), splits, False, reuse)
+    return best, _plan_choices(recipe, inputs, dict.fromkeys(inputs.layers, best), False, reuse)
 
 
 def _plan_choices(
     recipe: Recipe,
-    layers: dict[str, nn.Module],
-    kept: dict[str, str],
-    stats: CalibrationStats,
+    inputs: PlanInputs,
     choice: dict[str, Candidate],
-    splits: dict[str, int] | None,
     progress: bool,
     reuse: dict[str, LayerConfig] | None = None,
 ) -> QuantPlan:
-    """A plan with each layer's chosen candidate, tuned from ``stats`` like the calibrated presets;
-    layers in ``reuse`` keep the config given there (already tuned for the same candidate)."""
+    """A plan with each layer's chosen candidate, tuned from ``inputs.stats`` like the calibrated
+    presets; layers in ``reuse`` keep the config given there (already tuned for the same candidate)."""
     options = recipe.calibration or CalibrationOptions()
-    splits, reuse = splits or {}, reuse or {}
+    reuse = reuse or {}
     planned = {}
-    for name, module in tqdm(layers.items(), desc="diffq: planning layers", disable=not progress):
+    for name, module in tqdm(inputs.layers.items(), desc="diffq: planning layers", disable=not progress):
         if name in reuse:
             planned[name] = reuse[name]
             continue
         config = resolve_config(module, candidate_config(choice[name]))
-        planned[name] = plan_layer(name, module, config, options, stats, splits.get(name))
-    return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(kept))
+        planned[name] = plan_layer(name, module, config, options, inputs.stats, inputs.splits.get(name))
+    return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(inputs.kept))
 
 
 TEMPORAL_BITS = (4, 8)
@@ -235,31 +225,28 @@ def with_temporal_layers(plan: QuantPlan, temporal: dict[str, nn.Module], config
 
 def build_plan(
     recipe: Recipe,
-    layers: dict[str, nn.Module],
-    kept: dict[str, str],
-    stats: CalibrationStats | None = None,
-    splits: dict[str, int] | None = None,
+    inputs: PlanInputs,
     progress: bool = True,
     sensitivity: Sensitivity | None = None,
     budget: float | None = None,
     content_share: float | None = None,
     **overrides: object,
 ) -> QuantPlan:
-    """The recipe's plan for these layers: uniform, tuned per layer from ``stats``, or mixed."""
+    """The recipe's plan for ``inputs.layers``: uniform, tuned per layer from the statistics, or mixed."""
     if recipe.is_mixed:
         if overrides:
             raise QuantizationInputError(
                 f"mixed precision chooses bits, ranks and activations per layer; drop {sorted(overrides)}."
             )
-        return mixed_plan(recipe, layers, kept, stats, sensitivity, budget, splits, progress, content_share)
+        return mixed_plan(recipe, inputs, sensitivity, budget, progress, content_share)
     if budget is not None or content_share is not None:
         what = "budget=" if budget is not None else "content_share="
         raise QuantizationInputError(f"preset {recipe.name!r} is uniform; {what} needs 'mixed' or e.g. 'w3.5a8'.")
     base = replace(recipe.layer, **overrides) if overrides else recipe.layer
     if recipe.calibration is not None:
-        return calibrated_plan(recipe.name, base, recipe.calibration, layers, kept, stats, splits, progress)
-    planned = {name: resolve_config(module, base) for name, module in layers.items()}
-    return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(kept))
+        return calibrated_plan(recipe.name, base, recipe.calibration, inputs, progress)
+    planned = {name: resolve_config(module, base) for name, module in inputs.layers.items()}
+    return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(inputs.kept))
 
 
 _W8 = {"w_bits": 8, "w_group_size": None}

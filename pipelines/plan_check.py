@@ -28,6 +28,7 @@ from diffq.pipelines.calibrate import default_call_kwargs
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.pipelines.sensitivity import final_images
 from diffq.plan import QuantPlan
+from diffq.planning import PlanInputs
 from diffq.presets import Recipe, uniform_alternative
 from diffq.sensitivity import Sensitivity
 
@@ -95,12 +96,9 @@ def keep_better_than_uniform(
     pipe: Any,
     recipe: Recipe,
     plan: QuantPlan,
-    layers: dict[str, nn.Module],
-    kept: dict[str, str],
-    stats: CalibrationStats,
+    inputs: PlanInputs,
     sensitivity: Sensitivity,
     budget: float | None,
-    splits: dict[str, int] | None,
     prompts: Sequence[str],
     num_inference_steps: int = 8,
     progress: bool = True,
@@ -114,12 +112,12 @@ def keep_better_than_uniform(
     the denoiser when the comparison ran (``installed`` is then true), so it need not be converted
     again; otherwise the denoiser is left float.
     """
-    alternative = uniform_alternative(recipe, layers, kept, stats, sensitivity, budget, splits, planned=plan)
+    alternative = uniform_alternative(recipe, inputs, sensitivity, budget, planned=plan)
     if alternative is None:  # no uniform candidate fits the budget: nothing to compare with
         return plan, False
     candidate, uniform = alternative
     # Mixed first: it is the one kept on a tie.
-    scores = compare_plans(pipe, {"mixed": plan, "uniform": uniform}, stats, prompts, num_inference_steps,
+    scores = compare_plans(pipe, {"mixed": plan, "uniform": uniform}, inputs.stats, prompts, num_inference_steps,
                            progress=progress, install_best=install, **call_kwargs)
     measured = (f"{scores['mixed']:.2f} dB for the mixed plan, {scores['uniform']:.2f} dB for uniform "
                 f"{candidate.label} (final images against full precision, {len(prompts)} calibration "

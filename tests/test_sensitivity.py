@@ -265,6 +265,7 @@ def assert_installed_like_a_fresh_conversion(
 
 
 def test_uniform_alternative_reuses_the_mixed_plans_tuned_layers_unchanged():
+    from diffq.planning import PlanInputs
     from diffq.presets import get_preset, uniform_alternative
 
     pipe = tiny_pixart_pipeline()
@@ -278,7 +279,8 @@ def test_uniform_alternative_reuses_the_mixed_plans_tuned_layers_unchanged():
     assert {c.w_bits for c in mixed.layers.values()} >= {2, 4}  # some layers share uniform's candidate
     adapter = adapter_for(pipe.transformer)
     layers, kept = adapter.layers(pipe.transformer)
-    args = (get_preset("w4.0a8"), layers, kept, stats, sensitivity, None, adapter.concat_splits(pipe.transformer))
+    inputs = PlanInputs(layers, kept, stats, adapter.concat_splits(pipe.transformer))
+    args = (get_preset("w4.0a8"), inputs, sensitivity, None)
     reused, fresh = uniform_alternative(*args, planned=mixed), uniform_alternative(*args)
     assert reused[0] == fresh[0] == Candidate(4, 8)
     assert reused[1].layers == fresh[1].layers
