@@ -208,12 +208,16 @@ def dequantize(
     return (blocks * scale.to(torch.float32).unsqueeze(-1)).reshape(codes.shape).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, fmt: IntFormat, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Quantize then dequantize, in ``x``'s dtype (used for error measurement, not storage)."""
+def fake_quantize(x: torch.Tensor, fmt: IntFormat, clip_ratio: float = 1.0, check: bool = True) -> torch.Tensor:
+    """Quantize then dequantize, in ``x``'s dtype (used for error measurement, not storage).
+    ``check=False`` skips the NaN/infinity check, for searches that checked their input once."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
-    scale, zero = compute_scales(flat, fmt, clip_ratio)
-    return fake_quantize_blocks(block_view(flat.float(), fmt), scale, zero, fmt).reshape(shape).to(x.dtype)
+    if check:
+        check_finite(flat)
+    blocks = block_view(flat.float(), fmt)
+    scale, zero = range_scales(*block_range(blocks, fmt), fmt, clip_ratio)
+    return fake_quantize_blocks(blocks, scale, zero, fmt).reshape(shape).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- fp8

@@ -8,6 +8,7 @@ from torch import nn
 import diffq
 from diffq.calibration import ActivationObserver, CalibrationStats, histogram_edges, timestep_groups
 from diffq.context import set_cfg_split, timestep
+from diffq.errors import QuantizationInputError
 from diffq.formats import IntFormat, fake_quantize
 from diffq.modules import QuantizedConv2d, QuantizedLinear
 from diffq.pipelines.serialization import plan_of
@@ -203,6 +204,14 @@ def test_smoothing_search_finds_and_reduces_outlier_error():
     assert alpha is not None
     smoothed = layer_error(rows, weight, fmt, 8, absmax, smoothing_vector(absmax, weight, alpha), False)
     assert smoothed < layer_error(rows, weight, fmt, 8, absmax, None, False) / 2
+
+
+def test_smoothing_search_rejects_a_weight_with_nan():
+    weight = torch.randn(8, 64)
+    weight[2, 5] = float("nan")
+    rows = torch.randn(32, 64)
+    with pytest.raises(QuantizationInputError, match="weight to quantize contains NaN"):
+        search_alpha(rows, weight, IntFormat(4, True, "group", 64), 8, rows.abs().amax(0))
 
 
 def test_mse_weight_clip_beats_min_max():
