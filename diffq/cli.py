@@ -137,7 +137,7 @@ def _read_prompts(path: str | None) -> list[str] | None:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     """Measure sensitivities; under ``accelerate launch`` each process takes every n-th layer."""
     import diffq
-    from diffq.distributed import gather_objects, process_state
+    from diffq.distributed import end_processes, gather_objects, process_state
     from diffq.sensitivity import Candidate
 
     state = process_state(force_cpu=args.cpu)
@@ -159,7 +159,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             for other in parts[1:]:
                 merged = merged.merge(other)
             merged.save(out)
-        state.wait_for_everyone()
+    end_processes(state)
     if is_main:
         print(f"wrote {out}")
     return 0

@@ -36,3 +36,12 @@ def broadcast_object(obj: Any, state: Any) -> Any:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([obj])[0]
+
+
+def end_processes(state: Any) -> None:
+    """Leave a multi-process run's group (one process: nothing to do). A gloo process that exits with
+    its group still up can abort (SIGABRT, "terminate called without an active exception") while the
+    interpreter shuts down, so the command-line entry points end their group before returning."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from diffq.distributed import broadcast_object, gather_objects, process_state
+from diffq.distributed import broadcast_object, end_processes, gather_objects, process_state
 from diffq.errors import DiffQError
 from diffq.metrics.errors import EvaluationInputError
 from diffq.metrics.generation import generate_images, shard_batches
@@ -385,11 +385,13 @@ def run(args: argparse.Namespace) -> int:
     except DiffQError as err:
         print(f"diffq eval: error: {err}", file=sys.stderr)
         return 2
-    if process_state().is_main_process:
+    state = process_state()
+    if state.is_main_process:
         from diffq.metrics.report import render_markdown
 
         print(render_markdown(report), end="")
         print(f"wrote {os.path.join(args.out, 'report.json')}, report.md and grid.png")
+    end_processes(state)
     return 0
 
 

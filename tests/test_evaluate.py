@@ -173,13 +173,14 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
         "import json, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_evaluate import tiny_eval\n"
-        "from diffq.distributed import process_state\n"
+        "from diffq.distributed import end_processes, process_state\n"
         "state = process_state()\n"
         "assert state.num_processes == 2, 'not a 2-process group'\n"
         "report = tiny_eval(sys.argv[1], ['fp', 'w8a16'], 6)\n"
         # One file per process: two processes printing to one pipe can interleave their lines.
         "with open(f'{sys.argv[2]}/returned-{state.process_index}.json', 'w') as f:\n"
         "    json.dump(report, f)\n"
+        "end_processes(state)\n"
     )
     # `--cpu` makes accelerate 1.x use its single-process launcher; `--multi_gpu` with no visible GPU
     # starts torchrun, and the runner joins the processes in a gloo group on CPU.
