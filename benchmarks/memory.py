@@ -214,14 +214,14 @@ def _with_upper_bound_extras(
 
 
 def split_spec(preset: str) -> tuple[str, int | None]:
-    """``"w4a8:temporal_bits=4"`` -> ``("w4a8", 4)``: a preset and its ``temporal_bits`` option."""
-    name, _, option = preset.partition(":")
-    if not option:
-        return name, None
-    key, _, value = option.partition("=")
-    if key != "temporal_bits" or not value.isdigit():
+    """``"w4a8:temporal_bits=4"`` -> ``("w4a8", 4)``: a preset and its ``temporal_bits`` option
+    (parsed like ``diffq eval``'s presets; the only option whose bytes this script counts)."""
+    from diffq.metrics.evaluate import preset_spec
+
+    name, options = preset_spec(preset)
+    if set(options) - {"temporal_bits"}:
         raise ValueError(f"{preset!r}: the only option memory.py counts is temporal_bits=N.")
-    return name, int(value)
+    return name, options.get("temporal_bits")
 
 
 def preset_configs(model: nn.Module, preset: str, text_bos: bool = True) -> dict[str, LayerConfig]:
@@ -434,7 +434,8 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         "MiB: 2^20 bytes. x 4-bit limit: bytes / (params x 0.5). bits/param: 8 x bytes / params. diffq's "
         "calibrated extras are counted at their upper bound; mixed precision (≤) is the bound its integer "
         "program guarantees. diffq keeps first/last layers, embeddings and timestep modulation (AdaLN) "
-        "layers in 16-bit (`:temporal_bits=N` rows: the modulation layers int-N weight-only); quanto quantizes every Linear and Conv2d, torchao every Linear. torchao's int4 "
+        "layers in 16-bit (`:temporal_bits=N` rows: the modulation layers int-N weight-only); quanto "
+        "quantizes every Linear and Conv2d, torchao every Linear. torchao's int4 "
         "weight-only config needs CUDA here (benchmarks/quality.py records the error); its CPU int4 path "
         "(intx) stores one code per byte.",
         machine_line(info),
