@@ -333,10 +333,17 @@ class ActivationObserver:
             sample.rows = torch.cat([sample.rows, rows[:take].half()])
             sample.timesteps = torch.cat([sample.timesteps, torch.full((take,), t)])
             slots[:take] = -1
-        keep = (slots >= 0) & (slots < self.sample_rows)
-        if keep.any():
-            sample.rows[slots[keep]] = rows[keep].half()
-            sample.timesteps[slots[keep]] = t
+        picked = ((slots >= 0) & (slots < self.sample_rows)).nonzero().squeeze(1)
+        if picked.numel():
+            # Two rows of one batch may draw the same slot; the later one replaces the earlier, as in
+            # sequential reservoir sampling. Indexed assignment with repeated indices leaves the winner
+            # to the thread schedule, so each slot is written once, with its last row.
+            by_slot = torch.argsort(slots[picked], stable=True)
+            slot_of, row_of = slots[picked][by_slot], picked[by_slot]
+            last = torch.ones_like(slot_of, dtype=torch.bool)
+            last[:-1] = slot_of[1:] != slot_of[:-1]
+            sample.rows[slot_of[last]] = rows[row_of[last]].half()
+            sample.timesteps[slot_of[last]] = t
         sample.seen += n
 
     def _hook(self, name: str, module: nn.Module):

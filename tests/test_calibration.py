@@ -86,6 +86,26 @@ def test_reservoir_sample_is_bounded_and_deterministic():
     assert len(set(a.samples["lin"].timesteps.tolist())) > 5  # rows from many steps, not just the first
 
 
+def test_reservoir_keeps_the_later_row_when_two_draw_one_slot():
+    """The vectorised reservoir equals row-by-row reservoir sampling, also where many rows of one
+    batch draw the same slot and indexed writes run on several threads."""
+    layer = nn.Identity()
+    x = torch.randn(20_000, 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stats = observe({"id": layer}, {5.0: [x]}, sample_rows=32, seed=1)
+    finally:
+        torch.set_num_threads(threads)
+    draws = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = x[:32].half().clone()
+    for i in range(32, x.shape[0]):
+        slot = int(draws[i] * (i + 1))
+        if slot < 32:
+            expected[slot] = x[i].half()
+    assert torch.equal(stats.samples["id"].rows, expected)
+
+
 def test_save_load_merge_round_trip(tmp_path):
     layer = nn.Linear(8, 2)
     a = observe({"lin": layer}, {1.0: [torch.randn(4, 8)], 2.0: [torch.randn(4, 8)]}, sample_rows=6)
