@@ -15,6 +15,9 @@ NO_CHECK_HELP = (
     "mixed precision: keep the integer program's plan without checking it end to end against the "
     "uniform plan within the budget"
 )
+TEMPORAL_BITS_HELP = (
+    "quantize the temporal modulation layers (AdaLN, time projections) weight-only too; by default they stay 16-bit"
+)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -185,7 +188,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     )
     plan = diffq.allocate(pipe, stats, preset=preset, budget=args.budget if preset == "mixed" else None,
                           sensitivity=sens, check=not args.no_check, prompts=prompts[:4] if prompts else None,
-                          num_inference_steps=args.steps, call_kwargs=call, progress=not args.no_progress)
+                          num_inference_steps=args.steps, call_kwargs=call, temporal_bits=args.temporal_bits,
+                          progress=not args.no_progress)
     print(plan.table())
     if args.out:
         out = Path(args.out)
@@ -236,9 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to write the quantized pipeline to")
     q.add_argument("--prompts", help="calibration prompts, one per line")
     q.add_argument("--calibration-steps", type=int, default=8)
-    q.add_argument("--temporal-bits", type=int, choices=(4, 8),
-                   help="quantize the temporal modulation layers (AdaLN, time projections) weight-only too; "
-                   "by default they stay 16-bit")
+    q.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
     q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sensitivity", help="a sensitivity JSON from `diffq sensitivity` (else measured, cached)")
     a.add_argument("--plot", help="folder for bits_per_layer.png")
     a.add_argument("--out", help="write the QuantPlan JSON here")
+    a.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
     a.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     pipeline_call_flags(a)
     a.set_defaults(func=cmd_allocate)

@@ -150,9 +150,12 @@ def test_allocate_cli_uses_the_measured_candidates(sd_folder, tmp_path, capsys):
     assert "dB for the mixed plan" in plan.note  # checked end to end against uniform w2a8
     assert "conv_in" in capsys.readouterr().out  # the table lists kept layers too
     assert main(["allocate", str(sd_folder), "--budget", "5", "--sensitivity", str(sens_path), "--no-check",
-                 "--out", str(tmp_path / "unchecked.json"), *common]) == 0
+                 "--temporal-bits", "8", "--out", str(tmp_path / "unchecked.json"), *common]) == 0
     unchecked = diffq.QuantPlan.from_json((tmp_path / "unchecked.json").read_text())
-    assert {c.w_bits for c in unchecked.layers.values()} == {2, 8} and unchecked.note == ""
+    temporal = {n: c for n, c in unchecked.layers.items() if n.endswith("time_emb_proj")}
+    assert temporal and all(c.w_bits == 8 and c.a_bits is None for c in temporal.values())  # weight-only
+    mixed = [c for n, c in unchecked.layers.items() if n not in temporal]
+    assert {c.w_bits for c in mixed} == {2, 8} and unchecked.note == ""
     assert (tmp_path / "plot" / "bits_per_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["allocate", str(sd_folder), "--budget", "1", "--sensitivity", str(sens_path), *common]) == 1
     assert "smallest feasible budget" in capsys.readouterr().err
