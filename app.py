@@ -46,6 +46,8 @@ DEFAULT_STEPS = 20
 MAX_STEPS = 100
 MAX_SEED = 2**63 - 1
 CALIBRATION_STEPS = 8
+TEMPORAL_CHOICES = (("kept in 16-bit", "16"), ("8-bit weights", "8"), ("4-bit weights", "4"))
+"""The temporal-layers picker: (label, value); see ``temporal_bits`` of :func:`diffq.quantize`."""
 DISPLAY_SIZE = 256
 """Images smaller than this many pixels are enlarged (nearest neighbour) for display only."""
 IMAGE_BUTTONS = ["download", "fullscreen"]  # no "share" button: it uploads to the Hugging Face Hub
@@ -76,6 +78,7 @@ class Request:
     prompt: str
     seed: int
     steps: int
+    temporal_bits: int | None = None  # the temporal modulation layers: None keeps them in 16-bit
 
 
 def _whole_number(value: Any, what: str) -> int:
@@ -104,9 +107,20 @@ def validate_choice(model: Any, preset: Any) -> tuple[str, str]:
     return model, preset
 
 
-def validate_request(model: Any, preset: Any, prompt: Any, seed: Any, steps: Any) -> Request:
+def validate_temporal(value: Any) -> int | None:
+    """The temporal-layers picker's value as ``temporal_bits``: ``None`` (16-bit, also for empty), 8 or 4."""
+    text = str(value if value is not None else "").strip().removesuffix("-bit")
+    if text in ("", "16"):
+        return None
+    if text in ("8", "4"):
+        return int(text)
+    raise DemoInputError(f"Temporal layers {value!r}: choose 16 (kept), 8 or 4 bits.")
+
+
+def validate_request(model: Any, preset: Any, prompt: Any, seed: Any, steps: Any, temporal: Any = None) -> Request:
     """Check the page's inputs; raise :class:`DemoInputError` with a message that says what to change."""
     model, preset = validate_choice(model, preset)
+    temporal_bits = validate_temporal(temporal)
     prompt = str(prompt or "").strip()
     if not prompt:
         raise DemoInputError("The prompt is empty: say what to draw, e.g. 'a handwritten digit 7'.")
@@ -116,7 +130,7 @@ def validate_request(model: Any, preset: Any, prompt: Any, seed: Any, steps: Any
     steps_value = _whole_number(steps, "number of steps")
     if not 1 <= steps_value <= MAX_STEPS:
         raise DemoInputError(f"The number of steps must be between 1 and {MAX_STEPS}, got {steps_value}.")
-    return Request(model, preset, prompt, seed_value, steps_value)
+    return Request(model, preset, prompt, seed_value, steps_value, temporal_bits)
 
 
 def _bundled_call_kwargs(name: str) -> dict[str, Any] | None:
@@ -268,7 +282,7 @@ class PlanView:
 class DemoModels:
     """Loads and caches the demo's pipelines; every public method is safe to call from several threads.
 
-    Float pipelines are cached per model and quantized ones per ``(model, preset)`` (least recently
+    Float pipelines are cached per model and quantized ones per ``(model, preset, temporal bits)`` (least recently
     used ones are dropped beyond ``max_float`` / ``max_quantized``); calibration statistics are cached
     per model. ``call_kwargs`` are added to every pipeline call (e.g. ``height``/``width``), on top
     of a bundled model's defaults.
@@ -296,7 +310,7 @@ class DemoModels:
         self.work_dir = Path(work_dir) if work_dir else Path(self._tmp.name)
         self.progress_bars = progress_bars
         self._loaded: OrderedDict[str, Any] = OrderedDict()  # model → pipeline as loaded (float or quantized)
-        self._quantized: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._quantized: OrderedDict[tuple[str, str, int | None], Any] = OrderedDict()
         self._stats: OrderedDict[str, diffq.CalibrationStats] = OrderedDict()
         self._lock = threading.RLock()
 
@@ -367,13 +381,15 @@ class DemoModels:
             self._remember(self._stats, model, stats, self.max_float)
             return stats
 
-    def quantized(self, model: str, preset: str, report: Report = _quiet) -> tuple[Any, str, bool]:
-        """``(quantized pipeline, its preset, came from cache)``; a quantized folder is used as it is."""
+    def quantized(self, model: str, preset: str, report: Report = _quiet,
+                  temporal_bits: int | None = None) -> tuple[Any, str, bool]:
+        """``(quantized pipeline, its preset, came from cache)``; a quantized folder is used as it is.
+        ``temporal_bits`` (8 or 4) quantizes the temporal modulation layers weight-only too."""
         with self._lock:
             pipe = self.loaded(model, report)
             if self.is_quantized(pipe):
                 return pipe, plan_of(denoiser_of(pipe)).preset, True
-            key = (model, preset)
+            key = (model, preset, temporal_bits)
             if key in self._quantized:
                 self._quantized.move_to_end(key)
                 return self._quantized[key], preset, True
@@ -383,7 +399,7 @@ class DemoModels:
             fresh = self._load(model)  # quantize() works in place: never on the cached float pipeline
             kwargs = {k: v for k, v in self._call_kwargs(model, fresh).items() if k != "num_inference_steps"}
             diffq.quantize(fresh, preset, calibration=stats, num_calibration_steps=self.calibration_steps,
-                           progress=self.progress_bars, **kwargs)
+                           temporal_bits=temporal_bits, progress=self.progress_bars, **kwargs)
             self._remember(self._quantized, key, fresh, self.max_quantized)
             return fresh, preset, False
 
@@ -415,10 +431,11 @@ class DemoModels:
         with self._lock:
             began = time.perf_counter()
             full_pipe, note = self.full_precision(request.model, report)
-            q_pipe, preset, cached = self.quantized(request.model, request.preset, report)
+            q_pipe, preset, cached = self.quantized(request.model, request.preset, report, request.temporal_bits)
             notes = [note] if note else []
             if preset != request.preset:
-                notes.append(f"{request.model} is already quantized with {preset}; the preset picker does not apply.")
+                notes.append(f"{request.model} is already quantized with {preset}; the preset and temporal-layer "
+                             "pickers do not apply.")
             notes.append("quantized pipeline from the cache" if cached
                          else f"quantized pipeline built in {time.perf_counter() - began:.1f} s and cached")
             full = full_seconds = full_bytes = None
@@ -436,10 +453,10 @@ class DemoModels:
 
     # -- plan -------------------------------------------------------------------------------------------------
 
-    def plan(self, model: str, preset: str, report: Report = _quiet) -> PlanView:
+    def plan(self, model: str, preset: str, report: Report = _quiet, temporal_bits: int | None = None) -> PlanView:
         """The plan of ``model`` quantized with ``preset``: table, bits chart and calibration ranges."""
         with self._lock:
-            pipe, actual, _cached = self.quantized(model, preset, report)
+            pipe, actual, _cached = self.quantized(model, preset, report, temporal_bits)
             denoiser = denoiser_of(pipe)
             plan = plan_of(denoiser)
             notes: list[str] = []
@@ -506,17 +523,20 @@ def error_markdown(err: BaseException) -> str:
 def success_markdown(result: Comparison, seconds: float) -> str:
     """The status line after a generation: what ran, and notes (cache, source model)."""
     r = result.request
-    lines = [f"**Done** in {seconds:.1f} s — seed {r.seed}, {r.steps} steps, preset {escape_markdown(result.preset)}."]
+    temporal = f", temporal layers {r.temporal_bits}-bit" if r.temporal_bits and result.preset == r.preset else ""
+    lines = [f"**Done** in {seconds:.1f} s — seed {r.seed}, {r.steps} steps, preset {escape_markdown(result.preset)}"
+             f"{temporal}."]
     lines += [f"- {escape_markdown(note)}" for note in result.notes]
     return "\n".join(lines)
 
 
 def handle_generate(models: DemoModels, model: Any, preset: Any, prompt: Any, seed: Any, steps: Any,
-                    report: Report = _quiet) -> tuple[Image.Image | None, Image.Image | None, str, str]:
+                    report: Report = _quiet, *, temporal: Any = None
+                    ) -> tuple[Image.Image | None, Image.Image | None, str, str]:
     """The Generate button: ``(full-precision image, quantized image, metrics, status)``; errors become a status."""
     began = time.perf_counter()
     try:
-        result = models.generate(validate_request(model, preset, prompt, seed, steps), report)
+        result = models.generate(validate_request(model, preset, prompt, seed, steps, temporal), report)
     except Exception as err:  # the page shows a message and keeps serving
         if not isinstance(err, diffq.DiffQError):
             log.exception("generation failed")
@@ -526,11 +546,11 @@ def handle_generate(models: DemoModels, model: Any, preset: Any, prompt: Any, se
             success_markdown(result, time.perf_counter() - began))
 
 
-def handle_plan(models: DemoModels, model: Any, preset: Any,
-                report: Report = _quiet) -> tuple[Image.Image | None, Image.Image | None, str, str]:
+def handle_plan(models: DemoModels, model: Any, preset: Any, report: Report = _quiet, *,
+                temporal: Any = None) -> tuple[Image.Image | None, Image.Image | None, str, str]:
     """The plan tab's button: ``(bits chart, activation-ranges chart, plan table, status)``."""
     try:
-        view = models.plan(*validate_choice(model, preset), report)
+        view = models.plan(*validate_choice(model, preset), report, validate_temporal(temporal))
     except Exception as err:
         if not isinstance(err, diffq.DiffQError):
             log.exception("plan failed")
@@ -557,11 +577,11 @@ def build_app(model: str | None = None, models: DemoModels | None = None):
     def reporter(progress: gr.Progress) -> Report:
         return lambda fraction, desc: progress(min(max(fraction, 0.0), 1.0), desc=desc)
 
-    def on_generate(model_, preset_, prompt_, seed_, steps_, progress=gr.Progress()):  # noqa: B008
-        return handle_generate(models, model_, preset_, prompt_, seed_, steps_, reporter(progress))
+    def on_generate(model_, preset_, prompt_, seed_, steps_, temporal_, progress=gr.Progress()):  # noqa: B008
+        return handle_generate(models, model_, preset_, prompt_, seed_, steps_, reporter(progress), temporal=temporal_)
 
-    def on_plan(model_, preset_, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
-        return handle_plan(models, model_, preset_, reporter(progress))
+    def on_plan(model_, preset_, temporal_, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+        return handle_plan(models, model_, preset_, reporter(progress), temporal=temporal_)
 
     def on_model_change(model_):
         steps = default_steps(str(model_ or "").strip())
@@ -577,6 +597,9 @@ def build_app(model: str | None = None, models: DemoModels | None = None):
                                         info="bundled, a Hugging Face Hub id or a local folder (float or quantized)")
                 preset_box = gr.Dropdown(presets, value=DEFAULT_PRESET if DEFAULT_PRESET in presets else presets[0],
                                          label="preset", elem_id="preset")
+                temporal_box = gr.Dropdown(list(TEMPORAL_CHOICES), value="16", label="temporal layers",
+                                           elem_id="temporal",
+                                           info="AdaLN / time-embedding projections: 16-bit, or weight-only 8 or 4 bits")
                 prompt_box = gr.Textbox(DEFAULT_PROMPT, label="prompt", elem_id="prompt", max_lines=3)
                 with gr.Row():
                     seed_box = gr.Number(0, label="seed", precision=0, elem_id="seed")
@@ -606,10 +629,10 @@ def build_app(model: str | None = None, models: DemoModels | None = None):
                         plan_table = gr.Code(label="plan", language=None, lines=10, max_lines=24,
                                              elem_id="plan-table")
 
-        inputs = [model_box, preset_box, prompt_box, seed_box, steps_box]
+        inputs = [model_box, preset_box, prompt_box, seed_box, steps_box, temporal_box]
         generate_button.click(on_generate, inputs, [full_image, quant_image, metrics, status])
         prompt_box.submit(on_generate, inputs, [full_image, quant_image, metrics, status])
-        plan_button.click(on_plan, [model_box, preset_box], [bits_chart, ranges_chart, plan_table, plan_status])
+        plan_button.click(on_plan, [model_box, preset_box, temporal_box], [bits_chart, ranges_chart, plan_table, plan_status])
         model_box.change(on_model_change, [model_box], [steps_box])
     return demo
 

@@ -64,6 +64,17 @@ def test_validate_request_normalizes():
     assert request == app.Request("digits-sd", "w8a8", "a digit 7", 5, 20)
 
 
+@pytest.mark.parametrize(("value", "bits"), [(None, None), ("", None), ("16", None), ("8", 8), (" 4-bit ", 4), (8, 8)])
+def test_validate_temporal(value, bits):
+    assert app.validate_temporal(value) == bits
+    assert app.validate_request("digits-sd", "w4a8", "a 7", 0, 4, value).temporal_bits == bits
+
+
+def test_validate_temporal_rejects():
+    with pytest.raises(app.DemoInputError, match="choose 16 .kept., 8 or 4 bits"):
+        app.validate_temporal("2")
+
+
 @pytest.mark.parametrize(
     ("model", "preset", "prompt", "seed", "steps", "message"),
     [
@@ -188,7 +199,7 @@ def test_caches_drop_the_least_recently_used(tiny_folder):
     models = tiny_models(max_quantized=1)
     first = models.quantized(tiny_folder, "w8a16-rtn")[0]
     models.quantized(tiny_folder, "w4a16-rtn")
-    assert list(models._quantized) == [(tiny_folder, "w4a16-rtn")]
+    assert list(models._quantized) == [(tiny_folder, "w4a16-rtn", None)]
     assert models.quantized(tiny_folder, "w8a16-rtn")[0] is not first
 
 
@@ -200,7 +211,7 @@ def test_quantized_folder_compares_with_its_source(models, tiny_folder, tmp_path
     lone = app.validate_request(str(quantized), "w4a8", "a cat", 0, 2)
     result = models.generate(lone)
     assert result.preset == "w8a16-rtn" and result.full is None and result.psnr is None
-    assert any("does not apply" in note for note in result.notes)
+    assert any("do not apply" in note for note in result.notes)
     assert any("no full-precision image" in note for note in result.notes)
     assert "—" in result.metrics_markdown()
 
@@ -256,6 +267,20 @@ def test_unexpected_errors_are_messages_and_the_app_keeps_serving(models, tiny_f
     assert app.handle_generate(models, tiny_folder, "w4a8", "a red cat", 3, 3)[3].startswith("**Done**")
 
 
+def test_temporal_layers_quantized_weight_only_and_cached_apart(models, tiny_folder, comparison):
+    full, quantized, metrics, status = app.handle_generate(models, tiny_folder, "w4a8", "a red cat", 3, 3, temporal="8")
+    assert "temporal layers 8-bit" in status and quantized is not None
+    q_pipe, _preset, cached = models.quantized(tiny_folder, "w4a8", temporal_bits=8)
+    assert cached and q_pipe is not models.quantized(tiny_folder, "w4a8")[0]
+    temporal = {n: c for n, c in plan_of(denoiser_of(q_pipe)).layers.items() if n.endswith("time_emb_proj")}
+    assert temporal and all(c.w_bits == 8 and c.a_bits is None for c in temporal.values())
+    plain = plan_of(denoiser_of(models.quantized(tiny_folder, "w4a8")[0]))
+    assert not any(n.endswith("time_emb_proj") for n in plain.layers)
+    table = app.handle_plan(models, tiny_folder, "w4a8", temporal="8")[2]
+    assert "time_emb_proj" in table
+    assert app.handle_generate(models, tiny_folder, "w4a8", "a cat", 0, 2, temporal="3")[3].startswith("**Error:**")
+
+
 def test_handle_plan(models, tiny_folder, comparison):
     bits, ranges, table, status = app.handle_plan(models, tiny_folder, "w4a8")
     assert bits.width > 100 and ranges.width > 100 and "int4" in table and "layers quantized" in status
@@ -277,6 +302,7 @@ def test_build_app_prefills_the_model(monkeypatch, tiny_folder):
     assert isinstance(demo, gr.Blocks)
     assert _component(demo, "model").value == tiny_folder
     assert _component(demo, "preset").value == "w4a8"
+    assert _component(demo, "temporal").value == "16"  # the temporal layers stay 16-bit by default
     assert _component(demo, "steps").maximum == app.MAX_STEPS
     assert _component(app.build_app("digits-dit", tiny_models()), "model").value == "digits-dit"
 
