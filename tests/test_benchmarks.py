@@ -25,6 +25,7 @@ from diffq.pipelines.testing import TINY_PROMPTS, tiny_call_kwargs, tiny_pixart_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import additivity  # noqa: E402
 import bits_curve  # noqa: E402
 import memory  # noqa: E402
 import quality  # noqa: E402
@@ -314,3 +315,19 @@ def test_bits_curve_reads_mixed_and_uniform_rows(tmp_path):
     del report["results"]["w3.5a8"], report["results"]["w4.0a8"]
     (tmp_path / "m" / "report.json").write_text(json.dumps(report))
     assert bits_curve.main([str(tmp_path / "m"), "--out", str(tmp_path / "out2")]) == 2
+
+
+def test_additivity_predictions_and_plan(tmp_path):
+    assert additivity.main(["--model", "digits-dit", "--num-prompts", "1", "--steps", "2", "--top", "1",
+                            "--out", str(tmp_path), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "digits-dit" / "results.json").read_text())
+    alone, rows = result["alone"], {r["case"]: r for r in result["rows"]}
+    assert rows["uniform 4-bit"]["predicted_mse"] == pytest.approx(sum(e["4"] for e in alone.values()))
+    assert all(e["3"] > 0 and e["8"] >= 0 for e in alone.values())
+    plan = result["plan"]
+    model = denoiser_of(diffq.load("digits-dit"))
+    params = {n: model.get_submodule(n).weight.numel() for n in plan}
+    assert sum(b * params[n] for n, b in plan.items()) <= 4.0 * sum(params.values())  # the budget holds
+    [solved] = [r for c, r in rows.items() if c.startswith("solved plan")]
+    assert solved["predicted_mse"] == pytest.approx(sum(alone[n][str(b)] for n, b in plan.items()))
+    assert "| uniform 4-bit |" in (tmp_path / "digits-dit" / "results.md").read_text()
