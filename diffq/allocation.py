@@ -3,6 +3,8 @@
 One binary variable per (layer, candidate); exactly one candidate per layer; the average weight
 bits over the quantized parameters (the 16-bit low-rank branch counted in) must not exceed the
 budget; optionally total bytes too. The objective is the summed, *normalized* sensitivity loss.
+(With the ``"image"`` sensitivity metric every layer's loss is already the same quantity, the
+final images' squared error, and the whole sum is normalized as one group.)
 
 How the two metric groups are combined: MixDQ solves the content and quality groups separately
 and scans how the budget is split between them. diffq solves one joint program instead. Each
@@ -61,14 +63,18 @@ class Allocation:
 def normalized_losses(
     sensitivity: Sensitivity, layers: list[str], candidates: list[Candidate], reference: Candidate
 ) -> np.ndarray:
-    """``[layers, candidates]`` losses, each group scaled to total 1 at the reference candidate."""
+    """``[layers, candidates]`` losses, each group scaled to total 1 at the reference candidate (one
+    group of all layers under the ``"image"`` metric)."""
     losses = np.array(
         [[sensitivity.loss(n, c.label) if c.label in sensitivity.scores[n] else 0.0 for c in candidates] for n in layers],
         dtype=np.float64,
     )
     ref_label = reference.label
-    for group in ("content", "quality"):
-        rows = [i for i, n in enumerate(layers) if sensitivity.groups[n] == group]
+    if sensitivity.metric == "image":  # one quantity for every layer: one group
+        groups = [list(range(len(layers)))]
+    else:
+        groups = [[i for i, n in enumerate(layers) if sensitivity.groups[n] == g] for g in ("content", "quality")]
+    for rows in groups:
         if not rows:
             continue
         scale = sum(sensitivity.loss(layers[i], ref_label) for i in rows) if _has(sensitivity, layers, ref_label) else 0

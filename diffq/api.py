@@ -39,7 +39,7 @@ from diffq.presets import (
     weight_only_config,
     with_temporal_layers,
 )
-from diffq.sensitivity import Candidate, Sensitivity, default_candidates
+from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric, default_candidates
 
 GENERIC = Adapter(
     name="generic",
@@ -162,15 +162,18 @@ def sensitivity(
     seed: int = 0,
     cache: str | os.PathLike | None = "auto",
     shard: tuple[int, int] = (0, 1),
+    metric: SensitivityMetric = "decoupled",
     progress: bool = True,
     **call_kwargs: Any,
 ) -> Sensitivity:
     """Quantize each layer alone with each candidate and score it against full precision.
 
-    Content layers are scored by SSIM of the final images, quality layers by SQNR (dB) of the
-    denoiser output. ``cache`` is a JSON file the analysis resumes from and writes after every
-    layer (``"auto"``: under ``$DIFFQ_CACHE`` or ``~/.cache/diffq``; ``None``: no file).
+    With ``metric="decoupled"`` (MixDQ's) content layers are scored by SSIM of the final images and
+    quality layers by SQNR (dB) of the denoiser output; with ``metric="image"`` every layer by the
+    PSNR (dB) of the final images. ``cache`` is a JSON file the analysis resumes from and writes
+    after every layer (``"auto"``: under ``$DIFFQ_CACHE`` or ``~/.cache/diffq``; ``None``: no file).
     """
+    check_metric(metric)
     denoiser = denoiser_of(pipe)
     layers, _ = adapter_for(denoiser).layers(denoiser)
     prompts = list(prompts) if prompts is not None else default_prompts(pipe)[:4]
@@ -178,11 +181,12 @@ def sensitivity(
     if stats is None:
         stats = calibrate_pipeline(pipe, layers, prompts, num_inference_steps, progress=progress, **call_kwargs)
     if cache == "auto":
-        key = fingerprint(pipe, list(layers), candidates, prompts, num_inference_steps, seed, call_kwargs)
+        key = fingerprint(pipe, list(layers), candidates, prompts, num_inference_steps, seed, call_kwargs,
+                          metric=metric)
         cache = cache_dir() / "sensitivity" / f"{key}.json"
     return measure_sensitivity(
         pipe, layers, candidates, stats, prompts, num_inference_steps, seed, cache=cache, shard=shard,
-        progress=progress, **call_kwargs,
+        progress=progress, metric=metric, **call_kwargs,
     )
 
 
@@ -259,6 +263,7 @@ def quantize(
     rank: int | None = None,
     budget: float | None = None,
     sensitivity: Sensitivity | str | os.PathLike | None = None,
+    sensitivity_metric: SensitivityMetric = "decoupled",
     components: Sequence[str] | None = None,
     temporal_bits: int | None = None,
     check: bool = True,
@@ -283,6 +288,9 @@ def quantize(
         budget: average weight bits for ``preset="mixed"``.
         sensitivity: a precomputed :class:`Sensitivity` (or its file) for mixed precision;
             otherwise it is measured (and cached, see :func:`sensitivity`).
+        sensitivity_metric: how mixed precision measures it: ``"decoupled"`` (MixDQ's SSIM for
+            content layers, SQNR for quality layers) or ``"image"`` (final-image PSNR for every
+            layer; README, "Mixed precision").
         components: pipeline components to quantize (default: the denoiser). Others, such as
             ``"text_encoder"`` or ``"text_encoder_2"`` (T5 in Flux/SD3/PixArt), are quantized
             weight-only with the preset's weight bits.
@@ -300,6 +308,7 @@ def quantize(
     and returned; nothing on disk is touched.
     """
     recipe = get_preset(preset)
+    check_metric(sensitivity_metric)
     overrides = {}
     if activations is not None:
         if activations not in ("dynamic", "static"):
@@ -344,7 +353,7 @@ def quantize(
         if sensitivity is None:
             sensitivity = _measure_sensitivity(
                 resolved, stats, recipe.candidates, probe_prompts, num_inference_steps=num_calibration_steps,
-                progress=progress, **calibration_kwargs,
+                metric=sensitivity_metric, progress=progress, **calibration_kwargs,
             )
         elif not isinstance(sensitivity, Sensitivity):
             sensitivity = Sensitivity.load(sensitivity)

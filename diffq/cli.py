@@ -15,6 +15,10 @@ NO_CHECK_HELP = (
     "mixed precision: keep the integer program's plan without checking it end to end against the "
     "uniform plan within the budget"
 )
+METRIC_HELP = (
+    "mixed precision: score each layer by MixDQ's two metrics (decoupled: SSIM for content layers, SQNR "
+    "for quality layers) or by the final images' PSNR (image)"
+)
 TEMPORAL_BITS_HELP = (
     "quantize the temporal modulation layers (AdaLN, time projections) weight-only too; by default they stay 16-bit"
 )
@@ -52,7 +56,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fp_bytes = diffq.weight_bytes(pipe)
     prompts = _read_prompts(args.prompts)
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
-                   temporal_bits=args.temporal_bits, check=not args.no_check, progress=not args.no_progress)
+                   temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
+                   check=not args.no_check, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     diffq.save(pipe, out)
@@ -64,6 +69,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "quantized_layers": len(plan.layers),
         "kept_layers": plan.skipped,
         "temporal_bits": args.temporal_bits,
+        "sensitivity_metric": args.sensitivity_metric if diffq.get_preset(args.preset).is_mixed else None,
         "weight_bytes_fp": fp_bytes,
         "weight_bytes": diffq.weight_bytes(pipe),
         "compression": round(fp_bytes / max(diffq.weight_bytes(pipe), 1), 3),
@@ -153,7 +159,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     part = out.with_name(f"{out.name}.part{index}-of-{count}") if count > 1 else out
     result = diffq.sensitivity(
         pipe, None, candidates, prompts, num_inference_steps=args.steps, cache=part, shard=(index, count),
-        progress=not args.no_progress and is_main, **call,
+        metric=args.metric, progress=not args.no_progress and is_main, **call,
     )
     if count > 1:
         parts = gather_objects([result], state)
@@ -184,7 +190,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps, progress=not args.no_progress, **call)
     sens = args.sensitivity or diffq.sensitivity(  # only the candidates this preset chooses among
         pipe, stats, diffq.get_preset(preset).candidates, prompts[:4] if prompts else None,
-        num_inference_steps=args.steps, progress=not args.no_progress, **call,
+        num_inference_steps=args.steps, metric=args.sensitivity_metric, progress=not args.no_progress, **call,
     )
     plan = diffq.allocate(pipe, stats, preset=preset, budget=args.budget if preset == "mixed" else None,
                           sensitivity=sens, check=not args.no_check, prompts=prompts[:4] if prompts else None,
@@ -241,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompts", help="calibration prompts, one per line")
     q.add_argument("--calibration-steps", type=int, default=8)
     q.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
+    q.add_argument("--sensitivity-metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)
@@ -293,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="sensitivity JSON (resumed if it exists)")
     s.add_argument("--candidates", help="comma-separated, e.g. w2a8,w4a8,w4a8r32,w8a8 (default: all)")
     s.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU exists")
+    s.add_argument("--metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     pipeline_call_flags(s)
     s.set_defaults(func=cmd_sensitivity)
 
@@ -304,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plot", help="folder for bits_per_layer.png")
     a.add_argument("--out", help="write the QuantPlan JSON here")
     a.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
+    a.add_argument("--sensitivity-metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     a.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     pipeline_call_flags(a)
     a.set_defaults(func=cmd_allocate)

@@ -1,9 +1,16 @@
-"""Per-layer sensitivity to quantization, measured with the metric of the layer's group.
+"""Per-layer sensitivity to quantization: one layer quantized alone, scored against full precision.
 
-*Content* layers (cross-attention, feed-forward: what is drawn) are scored by the structural
-similarity (SSIM) of the final images to full precision; *quality* layers (everything else: how
-clean it looks) by the signal-to-quantization-noise ratio (SQNR, dB) of the denoiser output over
-the denoising steps. Each entry is one layer quantized alone with one candidate configuration.
+Two metrics (``Sensitivity.metric``):
+
+* ``"decoupled"`` (MixDQ's metric decoupling, the default): *content* layers (cross-attention,
+  feed-forward: what is drawn) are scored by the structural similarity (SSIM) of the final images
+  to full precision; *quality* layers (everything else: how clean it looks) by the
+  signal-to-quantization-noise ratio (SQNR, dB) of the denoiser output over the denoising steps.
+* ``"image"``: every layer by the PSNR (dB) of the final images to full precision, i.e. by the
+  mean squared error that the end-to-end check and ``psnr_vs_fp`` judge; errors of one metric
+  need no normalization between groups.
+
+Each entry is one layer quantized alone with one candidate configuration.
 
 A :class:`Sensitivity` is saved as JSON after every layer (atomically), so an interrupted
 analysis resumes where it stopped; its ``fingerprint`` ties it to the model and settings.
@@ -24,6 +31,8 @@ from diffq.errors import CheckpointError, QuantizationInputError
 from diffq.plan import LayerConfig
 
 LayerGroup = Literal["content", "quality"]
+SensitivityMetric = Literal["decoupled", "image"]
+METRICS: tuple[str, ...] = ("decoupled", "image")
 
 SENSITIVITY_VERSION = 1
 
@@ -77,29 +86,42 @@ def weight_bits_cost(candidate: Candidate, in_features: int, out_features: int) 
     return candidate.w_bits * in_features * out_features + 16 * candidate.rank * (in_features + out_features)
 
 
+def check_metric(metric: str) -> str:
+    """``metric`` if it is a sensitivity metric, else a :class:`QuantizationInputError`."""
+    if metric not in METRICS:
+        raise QuantizationInputError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(METRICS)}.")
+    return metric
+
+
 @dataclass
 class Sensitivity:
-    """``scores[layer][candidate label]``: SSIM (content layers) or SQNR in dB (quality layers)."""
+    """``scores[layer][candidate label]``: with ``metric="decoupled"``, SSIM (content layers) or SQNR
+    in dB (quality layers); with ``metric="image"``, the final images' PSNR in dB for every layer."""
 
     fingerprint: str
     groups: dict[str, LayerGroup] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    metric: SensitivityMetric = "decoupled"
+
+    def __post_init__(self) -> None:
+        check_metric(self.metric)
 
     def is_complete(self, layers: Iterable[str], candidates: Iterable[Candidate]) -> bool:
         labels = [c.label for c in candidates]
         return all(name in self.scores and all(lb in self.scores[name] for lb in labels) for name in layers)
 
     def loss(self, name: str, label: str) -> float:
-        """A loss where 0 is full precision: ``1 - SSIM`` or the noise-to-signal power ratio."""
+        """A loss where 0 is full precision: ``1 - SSIM``, the noise-to-signal power ratio, or (image
+        metric) the final images' mean squared error."""
         score = self.scores[name][label]
-        if self.groups[name] == "content":
+        if self.metric == "decoupled" and self.groups[name] == "content":
             return max(0.0, 1.0 - score)
         return 10 ** (-score / 10) if math.isfinite(score) else 0.0
 
     def merge(self, other: Sensitivity) -> Sensitivity:
-        if other.fingerprint != self.fingerprint:
+        if other.fingerprint != self.fingerprint or other.metric != self.metric:
             raise QuantizationInputError("cannot merge sensitivities measured with different settings.")
-        merged = Sensitivity(self.fingerprint, {**self.groups, **other.groups})
+        merged = Sensitivity(self.fingerprint, {**self.groups, **other.groups}, metric=self.metric)
         for source in (self, other):
             for name, scores in source.scores.items():
                 merged.scores.setdefault(name, {}).update(scores)
@@ -120,7 +142,8 @@ class Sensitivity:
             data = json.loads(Path(path).read_text())
             if data.get("version") != SENSITIVITY_VERSION:
                 raise CheckpointError(f"{path} was written by another diffq version; measure again.")
-            return cls(data["fingerprint"], dict(data["groups"]), {k: dict(v) for k, v in data["scores"].items()})
+            return cls(data["fingerprint"], dict(data["groups"]), {k: dict(v) for k, v in data["scores"].items()},
+                       metric=data.get("metric", "decoupled"))
         except FileNotFoundError as err:
             raise CheckpointError(f"no sensitivity file at {path}.") from err
         except (KeyError, TypeError, json.JSONDecodeError) as err:

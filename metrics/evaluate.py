@@ -55,7 +55,8 @@ def _flag(value: str) -> bool:
 
 
 PRESET_OPTIONS = {
-    "rank": int, "activations": str, "budget": float, "sensitivity": str, "check": _flag, "temporal_bits": int,
+    "rank": int, "activations": str, "budget": float, "sensitivity": str, "sensitivity_metric": str, "check": _flag,
+    "temporal_bits": int,
 }
 
 Method = Callable[[Any], int | None]
@@ -88,6 +89,7 @@ def parse_presets(presets: str | Sequence[str]) -> list[str]:
     ``w4a4:rank=0``, ``mixed:budget=3.5``, ``w8a8-rtn:activations=dynamic``,
     ``w3.5a8:sensitivity=sens.json`` (a saved sensitivity analysis for mixed precision),
     ``w4.0a8:check=false`` (the integer program's plan without the end-to-end check),
+    ``w4.0a8:sensitivity_metric=image`` (layers scored by final-image PSNR, not MixDQ's two metrics),
     ``w4a8:temporal_bits=8`` (the temporal modulation layers weight-only too).
     """
     import diffq

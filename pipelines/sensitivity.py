@@ -6,7 +6,8 @@ twin and scored with its group's metric:
 
 * content layers: SSIM of the final images (the whole pipeline runs again, same seeds);
 * quality layers: SQNR (dB) of the denoiser output over the recorded calls, replayed with the
-  float inputs, so the score is the layer's own error and not a drifted trajectory.
+  float inputs, so the score is the layer's own error and not a drifted trajectory;
+* or, with ``metric="image"``, every layer: PSNR (dB) of the final images.
 
 Results are saved after every layer, so an interrupted analysis resumes. ``shard=(i, n)`` measures
 every n-th layer starting at i, so n processes (``accelerate launch``) split the work.
@@ -33,7 +34,7 @@ from diffq.pipelines.calibrate import conditioning, default_call_kwargs
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.plan import QuantPlan
 from diffq.planning import CalibrationOptions, plan_layer
-from diffq.sensitivity import Candidate, Sensitivity, candidate_config
+from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, candidate_config, check_metric
 
 MAX_SQNR_DB = 200.0  # a layer whose error is exactly zero
 # Bumped when diffq changes how a candidate is quantized, so analyses cached before are measured again
@@ -43,15 +44,16 @@ QUANTIZER_REVISION = 2
 
 def fingerprint(pipe: Any, layers: Sequence[str], candidates: Sequence[Candidate], prompts: Sequence[str],
                 num_inference_steps: int, seed: int, call_kwargs: dict,
-                options: CalibrationOptions | None = None) -> str:
+                options: CalibrationOptions | None = None, metric: SensitivityMetric = "decoupled") -> str:
     """A stable id of what a sensitivity analysis measured (model, layers, candidates, settings,
-    and the calibrated recipe each candidate is built with)."""
+    the calibrated recipe each candidate is built with, and the metric)."""
     source = str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
-    payload = json.dumps(
-        [source, sorted(layers), [c.label for c in candidates], list(prompts), num_inference_steps, seed,
-         {k: repr(v) for k, v in sorted(call_kwargs.items())}, repr(options or CalibrationOptions()),
-         QUANTIZER_REVISION],
-    )
+    measured = [source, sorted(layers), [c.label for c in candidates], list(prompts), num_inference_steps, seed,
+                {k: repr(v) for k, v in sorted(call_kwargs.items())}, repr(options or CalibrationOptions()),
+                QUANTIZER_REVISION]
+    if metric != "decoupled":  # the default metric keeps the ids analyses were cached under before
+        measured.append(metric)
+    payload = json.dumps(measured)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -129,6 +131,11 @@ class _Reference:
         images = self.generate()
         return float(structural_similarity_index_measure(images, self.images, data_range=1.0))
 
+    def psnr(self) -> float:
+        """PSNR (dB) of the final images against the float ones (images in [0, 1])."""
+        error = float((self.generate() - self.images).pow(2).mean())
+        return MAX_SQNR_DB if error == 0 else min(MAX_SQNR_DB, -10 * math.log10(error))
+
 
 def measure_sensitivity(
     pipe: Any,
@@ -142,9 +149,11 @@ def measure_sensitivity(
     cache: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    metric: SensitivityMetric = "decoupled",
     **call_kwargs: Any,
 ) -> Sensitivity:
     """Score every (layer, candidate) of ``layers`` in this shard; resumes from ``cache``."""
+    check_metric(metric)
     if not prompts:
         raise QuantizationInputError("sensitivity analysis needs at least one prompt.")
     index, count = shard
@@ -157,11 +166,11 @@ def measure_sensitivity(
     call_kwargs = {**default_call_kwargs(pipe), **call_kwargs}
     splits = adapter.concat_splits(denoiser)
     names = sorted(layers)
-    key = fingerprint(pipe, names, candidates, prompts, num_inference_steps, seed, call_kwargs, options)
-    result = Sensitivity(key)
+    key = fingerprint(pipe, names, candidates, prompts, num_inference_steps, seed, call_kwargs, options, metric)
+    result = Sensitivity(key, metric=metric)
     if cache is not None and Path(cache).exists():
         cached = Sensitivity.load(cache)
-        if cached.fingerprint == key:
+        if cached.fingerprint == key and cached.metric == metric:
             result = cached
     result.groups.update({n: adapter.group_of(n) for n in names})
     mine = [n for i, n in enumerate(names) if i % count == index]
@@ -192,7 +201,10 @@ def measure_sensitivity(
                 )
                 convert_model(denoiser, QuantPlan("probe", {name: config}), stats, progress=False)
                 try:
-                    score = reference.ssim() if result.groups[name] == "content" else reference.sqnr(denoiser)
+                    if metric == "image":
+                        score = reference.psnr()
+                    else:
+                        score = reference.ssim() if result.groups[name] == "content" else reference.sqnr(denoiser)
                 finally:
                     denoiser.set_submodule(name, original)
                 result.scores.setdefault(name, {})[candidate.label] = score

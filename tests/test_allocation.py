@@ -80,6 +80,24 @@ def test_groups_are_normalized_at_the_reference():
     assert losses[0, 1] == pytest.approx(1.0) and losses[1, 1] == pytest.approx(1.0)
 
 
+def test_image_metric_losses_are_one_group_of_squared_errors():
+    # PSNR 20 and 30 dB at the reference: squared errors 1e-2 and 1e-3, normalized by their sum only.
+    scores = {"content": [10.0, 20.0, 40.0], "quality": [20.0, 30.0, 50.0]}
+    sens = make_sensitivity(scores, {"content": "content", "quality": "quality"})
+    sens.metric = "image"
+    losses = normalized_losses(sens, ["content", "quality"], CANDS, Candidate(4, 8))
+    assert losses[0, 1] == pytest.approx(1e-2 / 1.1e-2) and losses[1, 1] == pytest.approx(1e-3 / 1.1e-2)
+    assert losses[0, 0] == pytest.approx(1e-1 / 1.1e-2)
+    # with one budget for both, the layer whose error is ten times larger gets the bits
+    choice = allocate_bits(sens, {"content": LayerShape(8, 8), "quality": LayerShape(8, 8)}, CANDS, 5.0).choice
+    assert choice == {"content": Candidate(8, 8), "quality": Candidate(2, 8)}
+
+
+def test_unknown_metric_is_refused():
+    with pytest.raises(Exception, match="unknown sensitivity metric 'ssim'"):
+        Sensitivity("x", metric="ssim")
+
+
 def test_missing_scores_are_reported():
     sens = make_sensitivity({"a": [5.0, 20.0, 40.0]})
     with pytest.raises(Exception, match="lacks scores"):

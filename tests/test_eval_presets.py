@@ -11,6 +11,8 @@ def test_preset_options_parse_and_validate():
     assert preset_spec("w4.0a8:check=false") == ("w4.0a8", {"check": False})
     assert preset_spec("w4.0a8:check=TRUE") == ("w4.0a8", {"check": True})
     assert preset_spec("w4a8:temporal_bits=4") == ("w4a8", {"temporal_bits": 4})
+    assert preset_spec("w4.0a8:sensitivity_metric=image;check=false") == (
+        "w4.0a8", {"sensitivity_metric": "image", "check": False})
     with pytest.raises(DiffQError, match="bad preset option"):
         parse_presets("w4a4:depth=3")
     with pytest.raises(DiffQError, match="not true or false"):

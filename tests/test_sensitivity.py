@@ -13,6 +13,7 @@ import torch
 
 import diffq
 from diffq.allocation import LayerShape
+from diffq.convert import convert_model, resolve_config
 from diffq.pipelines import adapter_for, denoiser_of
 from diffq.pipelines import sensitivity as runner
 from diffq.pipelines.serialization import plan_of
@@ -23,7 +24,8 @@ from diffq.pipelines.testing import (
     tiny_pixart_pipeline,
     tiny_sd_pipeline,
 )
-from diffq.sensitivity import Candidate, Sensitivity, weight_bits_cost
+from diffq.planning import CalibrationOptions, plan_layer
+from diffq.sensitivity import Candidate, Sensitivity, candidate_config, weight_bits_cost
 
 CANDIDATES = [Candidate(2, 8), Candidate(8, 8)]
 
@@ -54,6 +56,47 @@ def test_scores_follow_bits_and_metric_groups():
         else:  # SSIM in [-1, 1]
             assert -1 <= scores["w2a8"] <= scores["w8a8"] + 1e-6 <= 1 + 1e-6
     assert {"content", "quality"} == set(sens.groups.values())
+
+
+def test_image_metric_scores_every_layer_by_final_image_psnr(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    kwargs = tiny_call_kwargs(pipe)
+    stats = diffq.calibrate(pipe, TINY_PROMPTS[:1], num_inference_steps=2, progress=False, **kwargs)
+    layers = dict(list(adapter_for(pipe.transformer).layers(pipe.transformer)[0].items())[:2])
+    sens = runner.measure_sensitivity(pipe, layers, CANDIDATES, stats, TINY_PROMPTS[:1], 2, metric="image",
+                                      cache=tmp_path / "s.json", progress=False, **kwargs)
+    assert sens.metric == "image" and Sensitivity.load(tmp_path / "s.json").metric == "image"
+    reference = runner.final_images(pipe, TINY_PROMPTS[:1], 2, 0, kwargs)
+    name = next(iter(layers))
+    base = resolve_config(layers[name], candidate_config(Candidate(2, 8)))
+    config = plan_layer(name, layers[name], base, CalibrationOptions(), stats)
+    convert_model(pipe.transformer, diffq.QuantPlan("probe", {name: config}), stats, progress=False)
+    error = float((runner.final_images(pipe, TINY_PROMPTS[:1], 2, 0, kwargs) - reference).pow(2).mean())
+    assert sens.scores[name]["w2a8"] == pytest.approx(-10 * math.log10(error), abs=1e-6)
+    assert sens.loss(name, "w2a8") == pytest.approx(error, rel=1e-6)  # a squared error, whatever the group
+    decoupled = runner.fingerprint(pipe, list(layers), CANDIDATES, TINY_PROMPTS[:1], 2, 0, kwargs)
+    assert sens.fingerprint != decoupled  # the two metrics never share a cache entry
+    with pytest.raises(diffq.DiffQError, match="unknown sensitivity metric"):
+        runner.measure_sensitivity(pipe, layers, CANDIDATES, stats, TINY_PROMPTS[:1], 2, metric="lpips", **kwargs)
+
+
+def test_quantize_measures_with_the_metric_it_is_given(monkeypatch):
+    import diffq.api
+
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop once the analysis would start
+
+    monkeypatch.setattr(diffq.api, "_measure_sensitivity", capture)
+    pipe = tiny_pixart_pipeline()
+    with pytest.raises(KeyboardInterrupt):
+        diffq.quantize(pipe, "w3.5a8", calibration=TINY_PROMPTS[:1], num_calibration_steps=2,
+                       sensitivity_metric="image", progress=False, **tiny_call_kwargs(pipe))
+    assert seen["metric"] == "image"
+    with pytest.raises(diffq.DiffQError, match="unknown sensitivity metric"):
+        diffq.quantize(tiny_pixart_pipeline(), "w3.5a8", sensitivity_metric="ssim")
 
 
 def test_interrupted_analysis_resumes(tmp_path, monkeypatch):
