@@ -15,6 +15,7 @@ from diffq.metrics.fid import (
     find_inception_weights,
     frechet_distance,
     inception_available,
+    kernel_distance,
     select_feature_extractor,
 )
 from diffq.metrics.fidelity import lpips, lpips_weights_available, psnr, ssim
@@ -32,6 +33,7 @@ __all__ = [
     "find_inception_weights",
     "frechet_distance",
     "inception_available",
+    "kernel_distance",
     "lpips",
     "lpips_weights_available",
     "predict_digits",

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import additivity  # noqa: E402
 import bits_curve  # noqa: E402
+import fid_robustness  # noqa: E402
 import memory  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
@@ -331,3 +332,33 @@ def test_additivity_predictions_and_plan(tmp_path):
     [solved] = [r for c, r in rows.items() if c.startswith("solved plan")]
     assert solved["predicted_mse"] == pytest.approx(sum(alone[n][str(b)] for n, b in plan.items()))
     assert "| uniform 4-bit |" in (tmp_path / "digits-dit" / "results.md").read_text()
+
+
+def test_fid_robustness_matches_diffq_eval_and_kid_is_unbiased(tmp_path):
+    from diffq.metrics.evaluate import evaluate
+    from diffq.metrics.fid import kernel_distance
+
+    assert fid_robustness.main(["--model", "digits-dit", "--presets", "fp,w8a8-rtn", "--num-images", "4",
+                                "--bootstrap", "5", "--out", str(tmp_path), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "digits-dit" / "results.json").read_text())
+    held_out, train = result["references"]["classifier_test"], result["references"]["diffusion"]
+    assert (held_out["num_real"], train["num_real"]) == (216, 1078)
+    # the same images as diffq eval: its FIDs against the held-out digits
+    report = evaluate("digits-dit", ["fp", "w8a8-rtn"], 4, fid_bootstrap=0, progress=False)
+    for preset in ("fp", "w8a8-rtn"):
+        assert held_out["scores"][preset]["fid"] == pytest.approx(report["results"][preset]["fid"], rel=1e-9)
+    [pair] = held_out["kid_differences"]
+    assert pair["difference"] == pytest.approx(held_out["scores"]["fp"]["kid"] - held_out["scores"]["w8a8-rtn"]["kid"])
+    # KID: the unbiased MMD² of a cubic kernel, written out pair by pair
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64) + 0.5
+
+    def k(a, b):
+        return (float(a @ b) / 3 + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
+    yy = sum(k(y[i], y[j]) for i in range(4) for j in range(4) if i != j) / 12
+    xy = sum(k(x[i], y[j]) for i in range(5) for j in range(4)) / 20
+    assert kernel_distance(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_distance(x[:1], y)
