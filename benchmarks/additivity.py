@@ -66,16 +66,16 @@ class Harness:
         self.twins: dict[tuple[str, int], Any] = {}
 
     def twin(self, name: str, w_bits: int) -> Any:
-        from diffq.convert import convert_model, resolve_config
+        from diffq.convert import convert_model
         from diffq.plan import QuantPlan
-        from diffq.planning import CalibrationOptions, plan_layer
-        from diffq.sensitivity import Candidate, candidate_config
+        from diffq.planning import CalibrationOptions, plan_candidate
+        from diffq.sensitivity import Candidate
 
         key = (name, w_bits)
         if key not in self.twins:
             original = self.layers[name]
-            config = plan_layer(name, original, resolve_config(original, candidate_config(Candidate(w_bits, 8))),
-                                CalibrationOptions(), self.stats, self.splits.get(name))
+            config = plan_candidate(name, original, Candidate(w_bits, 8), CalibrationOptions(), self.stats,
+                                    self.splits.get(name))
             convert_model(self.denoiser, QuantPlan("probe", {name: config}), self.stats, progress=False)
             self.twins[key] = self.denoiser.get_submodule(name)
             self.denoiser.set_submodule(name, original)

@@ -19,6 +19,7 @@ from diffq.convert import conv_channel_weight, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError
 from diffq.modules import weight_format
 from diffq.plan import ClipMethod, LayerConfig, QuantPlan
+from diffq.sensitivity import Candidate, candidate_config
 from diffq.smoothing import ALPHA_CANDIDATES, search_alpha
 
 
@@ -90,6 +91,18 @@ def plan_layer(
             a_group_size=config.a_group_size,
         )
     return replace(config, **changes)
+
+
+def plan_candidate(
+    name: str,
+    module: nn.Module,
+    candidate: Candidate,
+    options: CalibrationOptions,
+    stats: CalibrationStats,
+    split: int | None = None,
+) -> LayerConfig:
+    """The calibrated config of one layer given a mixed-precision candidate (its bits and rank)."""
+    return plan_layer(name, module, resolve_config(module, candidate_config(candidate)), options, stats, split)
 
 
 def calibrated_plan(

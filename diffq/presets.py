@@ -20,8 +20,8 @@ from diffq.allocation import LayerShape, allocate_bits
 from diffq.convert import layer_columns, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError, UnknownPresetError
 from diffq.plan import LayerConfig, QuantPlan
-from diffq.planning import CalibrationOptions, PlanInputs, calibrated_plan, plan_layer
-from diffq.sensitivity import Candidate, Sensitivity, candidate_config, default_candidates
+from diffq.planning import CalibrationOptions, PlanInputs, calibrated_plan, plan_candidate
+from diffq.sensitivity import Candidate, Sensitivity, default_candidates
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,7 @@ def _plan_choices(
         if name in reuse:
             planned[name] = reuse[name]
             continue
-        config = resolve_config(module, candidate_config(choice[name]))
-        planned[name] = plan_layer(name, module, config, options, inputs.stats, inputs.splits.get(name))
+        planned[name] = plan_candidate(name, module, choice[name], options, inputs.stats, inputs.splits.get(name))
     return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(inputs.kept))
 
 

@@ -27,14 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats
-from diffq.convert import convert_model, resolve_config, supports_branch
+from diffq.convert import convert_model, supports_branch
 from diffq.errors import QuantizationInputError
 from diffq.pipelines.adapters import adapter_for, denoiser_of
 from diffq.pipelines.calibrate import conditioning, default_call_kwargs
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.plan import QuantPlan
-from diffq.planning import CalibrationOptions, plan_layer
-from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, candidate_config, check_metric
+from diffq.planning import CalibrationOptions, plan_candidate
+from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric
 
 MAX_SQNR_DB = 200.0  # a layer whose error is exactly zero
 # Bumped when diffq changes how a candidate is quantized, so analyses cached before are measured again
@@ -195,10 +195,7 @@ def measure_sensitivity(
                 continue
             original = layers[name]
             for candidate in pending:
-                config = plan_layer(
-                    name, original, resolve_config(original, candidate_config(candidate)), options, stats,
-                    splits.get(name),
-                )
+                config = plan_candidate(name, original, candidate, options, stats, splits.get(name))
                 convert_model(denoiser, QuantPlan("probe", {name: config}), stats, progress=False)
                 try:
                     if metric == "image":
