@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from common import DEFAULT_RESULTS, machine_line, markdown, write_results
+from common import DEFAULT_RESULTS, markdown, publish
 
 SPLITS = ("classifier_test", "diffusion")
 
@@ -79,14 +79,14 @@ def distances(features: dict[str, torch.Tensor], real: torch.Tensor, fid: Any, i
 
 def paired(scores: dict[str, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Every two presets: difference on all images, 90 % interval and share of resamples a is lower."""
+    from diffq.metrics.fid import paired_difference
+
     names, rows = list(scores), []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             diff = scores[a][f"{metric}_resampled"] - scores[b][f"{metric}_resampled"]
-            diff = diff[diff.isfinite()]
-            low, high = torch.quantile(diff, torch.tensor([0.05, 0.95], dtype=diff.dtype)).tolist()
-            rows.append({"a": a, "b": b, "difference": scores[a][metric] - scores[b][metric], "low": low,
-                         "high": high, "a_lower": float((diff < 0).double().mean())})
+            summary = paired_difference(scores[a][metric] - scores[b][metric], diff[diff.isfinite()])
+            rows.append({"a": a, "b": b, **summary})
     return rows
 
 
@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     result = measure(args.model, presets, args.num_images, references, args.bootstrap, args.seed,
                      not args.no_progress)
-    text = report(result) + f"\n{machine_line()}\n"
-    print(text)
-    write_results(Path(args.out) / args.model, text, result)
+    publish(Path(args.out) / args.model, report(result), result)
     return 0
 
 

@@ -196,6 +196,14 @@ def bootstrap_indices(num_images: int, replicates: int, seed: int = 0) -> torch.
     return torch.randint(num_images, (replicates, num_images), generator=generator)
 
 
+def paired_difference(difference: float, resampled: torch.Tensor) -> dict[str, float]:
+    """Summary of ``a − b`` between two presets scored on the same resamples: ``difference`` (on all
+    images), ``low``/``high`` (5th and 95th percentiles of the ``resampled`` differences) and
+    ``a_lower`` (the share of resamples in which a is lower)."""
+    low, high = torch.quantile(resampled, torch.tensor([0.05, 0.95], dtype=resampled.dtype)).tolist()
+    return {"difference": difference, "low": low, "high": high, "a_lower": float((resampled < 0).double().mean())}
+
+
 def _moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased covariance of ``[N, D]`` features, in float64."""
     x = features.double()

@@ -8,7 +8,7 @@ import torch
 
 from diffq.metrics.clip_score import ClipScorer, alignment
 from diffq.metrics.errors import EvaluationInputError, MissingWeightsError
-from diffq.metrics.fid import FID, bootstrap_indices, select_feature_extractor
+from diffq.metrics.fid import FID, bootstrap_indices, paired_difference, select_feature_extractor
 from diffq.metrics.fidelity import psnr, ssim
 from diffq.metrics.images import resize
 
@@ -105,14 +105,9 @@ class Scorers:
         pairs = {}
         for i, a in enumerate(scored):
             for b in scored[i + 1 :]:
-                diff = self.fid_replicates[a] - self.fid_replicates[b]
-                low, high = torch.quantile(diff, torch.tensor([0.05, 0.95], dtype=diff.dtype)).tolist()
-                pairs[f"{a} vs {b}"] = {
-                    "difference": self.fid_values[a] - self.fid_values[b],
-                    "low": low,
-                    "high": high,
-                    "a_lower": float((diff < 0).double().mean()),
-                }
+                pairs[f"{a} vs {b}"] = paired_difference(
+                    self.fid_values[a] - self.fid_values[b], self.fid_replicates[a] - self.fid_replicates[b]
+                )
         return pairs
 
     def score(
