@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_RESULTS, machine_line, markdown, write_results
+from common import DEFAULT_RESULTS, markdown, publish
 
 BITS = (3, 4, 8)
 
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = measure(args.model, args.num_prompts, args.steps, args.seed, args.top, args.budget,
                      not args.no_progress)
-    text = report(result) + f"\n{machine_line()}\n"
-    print(text)
-    write_results(Path(args.out) / args.model, text, result)
+    publish(Path(args.out) / args.model, report(result), result)
     return 0
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_RESULTS, machine_line, markdown, write_results
+from common import DEFAULT_RESULTS, machine_line, markdown, publish
 
 MODELS = ["digits-sd", "digits-dit"]
 SHARES = [round(0.1 * k, 1) for k in range(1, 10)]
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(f"### {model} at {args.budget:g} average weight bits\n\nContent layers hold "
                         f"{fraction:.1%} of the quantized parameters (a uniform plan's share).\n\n{table}\n")
         data["models"][model] = {"content_fraction": fraction, "report": report}
-    text = "\n".join(sections) + f"\n{machine_line()}\n"
-    print(text)
-    write_results(out, text, data)
+    publish(out, "\n".join(sections), data)
     return 0
 
 

@@ -52,6 +52,13 @@ def mib(num_bytes: int | float | None, digits: int = 2) -> str | None:
     return None if num_bytes is None else f"{num_bytes / 2**20:,.{digits}f}"
 
 
+def publish(out_dir: str | os.PathLike[str], body: str, data: dict[str, Any]) -> list[Path]:
+    """``body`` with the machine line under it: printed, and written with ``data`` by :func:`write_results`."""
+    text = f"{body}\n{machine_line()}\n"
+    print(text)
+    return write_results(out_dir, text, data)
+
+
 def write_results(out_dir: str | os.PathLike[str], text: str, data: dict[str, Any]) -> list[Path]:
     """Write ``results.md`` and ``results.json`` into ``out_dir`` (atomically); returns their paths."""
     from diffq.metrics.report import atomic_write_text
