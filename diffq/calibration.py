@@ -338,8 +338,9 @@ class ActivationObserver:
             # Two rows of one batch may draw the same slot; the later one replaces the earlier, as in
             # sequential reservoir sampling. Indexed assignment with repeated indices leaves the winner
             # to the thread schedule, so each slot is written once, with its last row.
-            by_slot = torch.argsort(slots[picked], stable=True)
-            slot_of, row_of = slots[picked][by_slot], picked[by_slot]
+            drawn = slots[picked]
+            by_slot = torch.argsort(drawn, stable=True)
+            slot_of, row_of = drawn[by_slot], picked[by_slot]
             last = torch.ones_like(slot_of, dtype=torch.bool)
             last[:-1] = slot_of[1:] != slot_of[:-1]
             sample.rows[slot_of[last]] = rows[row_of[last]].half()
