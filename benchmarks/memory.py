@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from diffq.convert import layer_columns, supports_branch
+from diffq.modules import stored_tensors
 from diffq.plan import LayerConfig
 
 from common import DEFAULT_RESULTS, machine, machine_line, markdown, mib, write_results
@@ -142,8 +143,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def stored_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers as stored: what :func:`diffq.weight_bytes` counts,
     with quantized tensor subclasses counted by their packed data, scales and zero points."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
-    return sum(tensor_bytes(t) for t in tensors)
+    return sum(tensor_bytes(t) for t in stored_tensors(module))
 
 
 def _own_bytes(module: nn.Module) -> int:

@@ -2,19 +2,20 @@
 
 They hold what a deployment holds: packed integer weights, their scales (and zero points when
 asymmetric), the bias, and the activation quantization settings (dynamic per token, or a static
-scale from calibration). ``forward`` calls one function of :mod:`diffq.kernels`, which picks the
-fused kernel or the pure-torch reference for the device.
+scale from calibration). ``forward`` calls one ``diffq::`` op of :mod:`diffq.kernels`, whose
+implementation PyTorch picks for the device. On the CPU the layer also keeps its weight as signed
+int8 values in the layout the CPU kernel reads (``kernel_codes``, a buffer that is not saved): it
+is made once when the weights are stored or loaded, or when the layer moves to the CPU, and
+dropped when the layer moves to another device.
 """
 
 from __future__ import annotations
-
-import bisect
 
 import torch
 from torch import nn
 
 from diffq import kernels
-from diffq.context import current_timestep
+from diffq.context import timestep_tensor
 from diffq.errors import QuantizationInputError
 from diffq.formats import IntFormat, compute_scales, packed_cols, quantize
 from diffq.lowrank import split_low_rank
@@ -51,6 +52,27 @@ class _QuantizedWeightMixin(nn.Module):
         self.register_buffer("act_scale", act_scale)
         bounds = torch.zeros(config.a_groups - 1, dtype=torch.float32, device=device) if static else None
         self.register_buffer("act_bounds", bounds if config.a_groups > 1 else None)
+        self.register_buffer("kernel_codes", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_kernel_layout())
+
+    def refresh_kernel_layout(self) -> None:
+        """(Re)make the weight layout the kernel of the layer's device reads (the CPU's int8 codes)."""
+        qweight = self.qweight
+        if qweight.device.type != "cpu" or qweight.is_meta:
+            self.kernel_codes = None
+            return
+        self.kernel_codes = kernels.kernel_codes(
+            qweight, self.weight_scale, self.weight_zero, w_bits=self.config.w_bits,
+            w_code_offset=weight_format(self.config).code_offset, cols=self.cols, **self._kernel_geometry(),
+        )
+
+    def _kernel_geometry(self) -> dict:
+        return {}
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.refresh_kernel_layout()  # the layout follows the device, never travels to another one
+        return self
 
     def _init_branch_buffers(self, in_channels: int, config: LayerConfig, dtype: torch.dtype, device) -> None:
         """The smoothing vector (per input channel) and the low-rank factors, where the config has them."""
@@ -92,6 +114,7 @@ class _QuantizedWeightMixin(nn.Module):
         if self.weight_zero is not None:
             assert zero is not None
             self.weight_zero.copy_(zero.to(torch.uint8))
+        self.refresh_kernel_layout()
 
     def set_activation_scale(self, absmax: float | torch.Tensor, bounds: list[float] | None = None) -> None:
         """Set static activation scales from calibrated absolute maxima.
@@ -116,15 +139,20 @@ class _QuantizedWeightMixin(nn.Module):
             self.act_bounds.copy_(torch.tensor(bounds, dtype=torch.float32))
 
     def current_act_scale(self) -> torch.Tensor | None:
-        """The static activation scale(s) for the timestep in progress (``[segments]``)."""
+        """The static activation scale(s) for the timestep in progress (``[segments]``).
+
+        The group is the number of bounds at or below the timestep, found with tensor operations
+        (in float64, as a Python float comparison would) so that compiled graphs need no sync."""
         if self.act_scale is None:
             return None
         if self.act_bounds is None:
             return self.act_scale[0]
-        t = current_timestep()
+        t = timestep_tensor()
         if t is None:  # outside a denoiser call: the widest range is the safe choice
             return self.act_scale.amax(dim=0)
-        return self.act_scale[bisect.bisect_right(self.act_bounds.tolist(), t)]
+        bounds = self.act_bounds.to(torch.float64)
+        group = torch.searchsorted(bounds, t.to(bounds.device), right=True)
+        return self.act_scale.index_select(0, group)[0]
 
     def _weight_kwargs(self) -> dict:
         fmt = weight_format(self.config)
@@ -132,6 +160,7 @@ class _QuantizedWeightMixin(nn.Module):
             "w_bits": self.config.w_bits,
             "w_code_offset": fmt.code_offset,
             "act_bits": self.config.a_bits,
+            "codes": self.kernel_codes,
         }
 
     @property
@@ -246,7 +275,7 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         """Put the full-precision output back on rows whose first token is the calibrated BOS."""
         first = x[..., 0, :]
         is_bos = torch.isclose(first, self.bos_input.to(first.dtype), rtol=1e-4, atol=1e-5).all(dim=-1)
-        if not bool(is_bos.any()):
+        if not torch.compiler.is_compiling() and not bool(is_bos.any()):  # eager: skip the copy
             return y
         y = y.clone()
         y[..., 0, :] = torch.where(is_bos.unsqueeze(-1), self.bos_output.to(y.dtype), y[..., 0, :])
@@ -331,6 +360,12 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
     def weight_shape(self) -> tuple[int, int, int, int]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
+    def _kernel_geometry(self) -> dict:
+        if self.config.a_bits is None:  # weight-only: dequantized in the stored order
+            return {}
+        segments = (self.config.a_split,) if self.config.a_split else ()
+        return {"conv": (self.in_channels // self.groups, self.kernel_size[0] * self.kernel_size[1], segments)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.quantized_conv2d(
             x,
@@ -362,7 +397,16 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
 QUANTIZED_MODULES = (QuantizedLinear, QuantizedConv2d)
 
 
+def stored_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """A module's parameters and saved buffers: what its checkpoint stores (not the layouts that
+    kernels derive from them at load time, such as the CPU's ``kernel_codes``)."""
+    saved = {
+        id(b): b for m in module.modules() for name, b in m._buffers.items()
+        if b is not None and name not in m._non_persistent_buffers_set
+    }
+    return list(module.parameters()) + list(saved.values())
+
+
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers (what its checkpoint stores)."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes held by a module's parameters and saved buffers (what its checkpoint stores)."""
+    return sum(t.numel() * t.element_size() for t in stored_tensors(module))

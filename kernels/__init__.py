@@ -1,4 +1,4 @@
-"""Kernels for quantized layers (:mod:`diffq.kernels.dispatch` picks one per device).
+"""Kernels for quantized layers: the ``diffq::`` ops of :mod:`diffq.kernels.dispatch`, one implementation per device.
 
 From the repository root this folder is also importable as a top-level ``kernels``, the name of
 a Hugging Face package that transformers and diffusers probe for. Imported under that name it
@@ -8,29 +8,27 @@ always imports it as ``diffq.kernels``.
 
 if __name__ == "diffq.kernels":
     from diffq.kernels.dispatch import (
-        _KERNELS,
-        _REFERENCE,
-        backend_for,
+        kernel_codes,
         pack,
         packed_cols,
         quantized_conv2d,
         quantized_linear,
         reference,
-        register_kernel,
+        reference_forced,
         unpack,
+        unsupported_reason,
     )
 
     __all__ = [
-        "_KERNELS",
-        "_REFERENCE",
-        "backend_for",
+        "kernel_codes",
         "pack",
         "packed_cols",
         "quantized_conv2d",
         "quantized_linear",
         "reference",
-        "register_kernel",
+        "reference_forced",
         "unpack",
+        "unsupported_reason",
     ]
 else:
     __file__ = None  # noqa: A001  (see the docstring)

@@ -47,7 +47,8 @@ def _finish_loading(model: Any) -> None:
     Tensors assigned straight from a memory-mapped safetensors file can sit at addresses that are
     not 64-byte aligned; CPU GEMM kernels then take a different vectorized path and round
     differently, so outputs would not be bit-identical to the model that was saved. Owned copies
-    also release the file, so the same folder can be saved over.
+    also release the file, so the same folder can be saved over. Quantized layers then make the
+    weight layout their device's kernel reads.
     """
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     on_meta = [n for n, t in tensors if t.is_meta]
@@ -59,6 +60,9 @@ def _finish_loading(model: Any) -> None:
     with torch.no_grad():
         for _name, tensor in tensors:
             tensor.data = tensor.data.clone()
+    for module in model.modules():
+        if hasattr(module, "refresh_kernel_layout"):
+            module.refresh_kernel_layout()  # the CPU kernel's int8 layout, made once at load
 
 
 def _missing_plan() -> CheckpointError:

@@ -2,7 +2,8 @@
 
 A pre-forward hook on the denoiser reads its ``timestep`` argument and sets
 :func:`diffq.context.current_timestep`, so layers look up step-dependent scales by timestep
-*value* (a different ``num_inference_steps`` at inference still works).
+*value* (a different ``num_inference_steps`` at inference still works). The hook only stores a
+tensor, so ``torch.compile(denoiser, fullgraph=True)`` traces it with the rest of the call.
 """
 
 from __future__ import annotations
@@ -10,20 +11,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
 from torch import nn
 
 from diffq.context import set_timestep
 
 _HOOK_ATTR = "_diffq_timestep_hook"
-
-
-def _timestep_value(timestep: Any) -> float | None:
-    if timestep is None:
-        return None
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
-    return float(timestep)
 
 
 def install_timestep_hook(denoiser: nn.Module) -> None:
@@ -40,7 +32,7 @@ def install_timestep_hook(denoiser: nn.Module) -> None:
             value = args[position]
         else:
             value = None
-        set_timestep(_timestep_value(value))
+        set_timestep(value)
 
     def clear(_module: nn.Module, _args: tuple, _output: Any) -> None:
         set_timestep(None)  # outside a denoiser call there is no current step, even after an error

@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-from diffq import kernels
 from diffq.convert import resolve_config
 from diffq.errors import QuantizationInputError
 from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_bytes
@@ -39,7 +38,8 @@ def test_storage_is_packed_integers_not_floats():
     assert "weight" not in dict(q.named_parameters()) and "weight" not in q.state_dict()
     assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (32, 64)  # two 4-bit codes per byte
     assert q.weight_scale.shape == (32, 2)
-    assert set(dict(q.named_buffers())) == {"qweight", "weight_scale"}
+    assert set(dict(q.named_buffers())) == {"qweight", "weight_scale", "kernel_codes"}
+    assert set(q.state_dict()) == {"qweight", "weight_scale", "bias"}  # the CPU layout is derived, not saved
     expected = 32 * 64 + 32 * 2 * 4 + 32 * 4  # codes + fp32 scales + fp32 bias
     assert weight_bytes(q) == expected
 
@@ -89,20 +89,22 @@ def test_static_activation_scale_clips_outside_calibrated_range():
         q.set_activation_scale(float("nan"))
 
 
-def test_dispatch_uses_registered_kernel_for_its_device(monkeypatch):
+def test_layers_call_the_diffq_op_of_their_device(monkeypatch):
+    from diffq.kernels import cpu
+
     calls = []
+    original = cpu.quantized_linear
 
-    def fake_kernel(x, *args, **kwargs):
-        calls.append(x.device.type)
-        return kernels.reference.quantized_linear(x, *args, **kwargs)
+    def spy(x, *args, **kwargs):
+        calls.append((x.device.type, kwargs["codes"] is not None))
+        return original(x, *args, **kwargs)
 
-    monkeypatch.setitem(kernels._KERNELS["quantized_linear"], "cpu", fake_kernel)
+    monkeypatch.setattr(cpu, "quantized_linear", spy)
     q = QuantizedLinear.from_float(nn.Linear(64, 8), LayerConfig(8, None, True, None))
     q(torch.randn(3, 64))
-    assert calls == ["cpu"]
-    monkeypatch.setitem(kernels._KERNELS["quantized_linear"], "cpu", None)
-    monkeypatch.delitem(kernels._KERNELS["quantized_linear"], "cpu")
-    assert kernels.backend_for("quantized_linear", torch.device("cpu")) is kernels.reference.quantized_linear
+    assert calls == [("cpu", True)]  # through torch.ops.diffq, with the layout prepared at conversion
+    graph = torch.fx.experimental.proxy_tensor.make_fx(q)(torch.randn(3, 64))
+    assert any(node.target == torch.ops.diffq.quantized_linear.default for node in graph.graph.nodes)
 
 
 def test_plan_round_trips_through_json():

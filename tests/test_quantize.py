@@ -170,7 +170,14 @@ def test_temporal_bits_quantizes_the_modulation_layers_weight_only(tmp_path):
     assert set(plan.skipped) == set(plan_of(plain.unet).skipped) - set(temporal)
     assert diffq.weight_bytes(pipe) < diffq.weight_bytes(plain)
     images = run_tiny(pipe)
-    assert psnr(images, reference) >= psnr(run_tiny(plain), reference) - 0.5  # 8-bit time projections cost little
+    # 8-bit time projections cost little: on average over a few seeds, as one 2-step image of this
+    # tiny model moves by a few tenths of a dB when one activation lands on the other side of a
+    # rounding boundary (float32 rounding differs between the CPU kernel and the reference).
+    seeds = range(4)
+    references = [reference if seed == 0 else run_tiny(tiny_sd_pipeline(), seed=seed) for seed in seeds]
+    with_temporal = np.mean([psnr(run_tiny(pipe, seed=s), r) for s, r in zip(seeds, references, strict=True)])
+    without = np.mean([psnr(run_tiny(plain, seed=s), r) for s, r in zip(seeds, references, strict=True)])
+    assert with_temporal >= without - 0.5
     diffq.save(pipe, tmp_path / "q")
     assert np.array_equal(run_tiny(diffq.load(tmp_path / "q")), images)
 

@@ -1,0 +1,123 @@
+"""Quantized linear layers and inputs shared by the kernel tests, and the error bound they check.
+
+The bound is the one ``tests/test_kernels.py``'s docstring derives: integer products and sums
+exact, float32 rounding in scaling and adding partial sums, the low-rank branch's and the
+output dtype's rounding on top.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from diffq.kernels import pack, reference, unpack
+
+# Relative error of rounding float32 to each dtype. bfloat16 is 2**-7, not 2**-8: the Triton 3.8
+# interpreter converts float32 to bfloat16 by truncating the mantissa (``cast_impl``), which
+# errs by up to one bf16 ulp; on a GPU the conversion rounds to nearest.
+UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-24}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One quantized linear layer and input."""
+
+    name: str
+    lead: tuple[int, ...]  # leading dims of x (M tokens in all)
+    n: int
+    k: int
+    w_bits: int
+    w_group: int | None  # None: per channel
+    asym: bool
+    act_bits: int | None
+    act_group: int | None = None
+    static: bool = False
+    rank: int = 0
+    bias: bool = False
+    smooth: bool = False
+    dtype: torch.dtype = torch.float16
+
+
+CASES = [
+    Case("w4a8-g64-dyn-r16-bias-smooth", (37,), 72, 192, 4, 64, False, 8, rank=16, bias=True, smooth=True),
+    Case("w4a8-ch-static-r0-fp32", (37,), 72, 128, 4, None, False, 8, static=True, dtype=torch.float32),
+    Case("w4a4-g64-actg64-r16-bias-bf16", (37,), 72, 192, 4, 64, False, 4, act_group=64, rank=16, bias=True,
+         dtype=torch.bfloat16),
+    Case("w4a4-ch-dyn-bias-3d", (3, 13), 72, 128, 4, None, False, 4, bias=True),
+    Case("w4a8-g64-asym-dyn", (37,), 72, 192, 4, 64, True, 8, smooth=True),
+    Case("w8a8-g64-asym-dyn-r16-fp32", (37,), 72, 192, 8, 64, True, 8, rank=16, dtype=torch.float32),
+    Case("w8a8-ch-static-r16-bias-bf16", (37,), 72, 128, 8, None, False, 8, static=True, rank=16, bias=True,
+         dtype=torch.bfloat16),
+    Case("w4a16-g64-r16-bias-smooth", (37,), 72, 192, 4, 64, False, None, rank=16, bias=True, smooth=True),
+    Case("w4a16-ch-asym-bf16", (37,), 72, 128, 4, None, True, None, dtype=torch.bfloat16),
+    Case("w8a16-ch-r16-fp32", (37,), 72, 128, 8, None, False, None, rank=16, dtype=torch.float32),
+]
+
+
+def make_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """Random codes, scales, zero points, factors and input for ``case``."""
+    blocks = 1 if case.w_group is None else case.k // case.w_group
+    codes = torch.randint(0, 2**case.w_bits, (case.n, case.k), dtype=torch.uint8)
+    w_scale = ((torch.rand(case.n, blocks) + 0.5) * 0.02).to(case.dtype)
+    w_zero = torch.randint(0, 2**case.w_bits, (case.n, blocks), dtype=torch.uint8) if case.asym else None
+    x = torch.randn(*case.lead, case.k).to(case.dtype)
+    kwargs = dict(
+        w_bits=case.w_bits,
+        w_code_offset=0 if case.asym else 2 ** (case.w_bits - 1),
+        in_features=case.k,
+        act_bits=case.act_bits,
+        act_group_size=case.act_group,
+        bias=torch.randn(case.n).to(case.dtype) if case.bias else None,
+        smooth=(torch.rand(case.k) + 0.5).to(case.dtype) if case.smooth else None,
+    )
+    if case.static:  # clips the largest activations, so the clamp is exercised
+        kwargs["act_scale"] = torch.tensor(0.7 * 3.0 / (2 ** (case.act_bits - 1) - 1))
+    if case.rank:
+        kwargs["lora_down"] = (torch.randn(case.k, case.rank) / case.k**0.5).to(case.dtype)
+        kwargs["lora_up"] = (torch.randn(case.rank, case.n) / case.rank**0.5).to(case.dtype)
+    return x, pack(codes, case.w_bits), w_scale, w_zero, kwargs
+
+
+def dequantize64(qweight, w_scale, w_zero, *, bits: int, cols: int, code_offset: int) -> torch.Tensor:
+    """Float64 ``(code - offset - zero) * scale``, ``[rows, cols]``."""
+    v = unpack(qweight, bits, cols).double() - code_offset
+    rows, blocks = v.shape[0], w_scale.shape[1]
+    v = v.reshape(rows, blocks, cols // blocks)
+    if w_zero is not None:
+        v = v - w_zero.double().unsqueeze(-1)
+    return (v * w_scale.double().unsqueeze(-1)).reshape(rows, cols)
+
+
+def expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference function in float64, and the error bound of the module docstring."""
+    K = kw["in_features"]
+    x2 = x.reshape(-1, K)
+    smooth = kw.get("smooth")
+    xs64 = x2.double() if smooth is None else x2.double() / smooth.double()
+    w64 = dequantize64(qweight, w_scale, w_zero, bits=kw["w_bits"], cols=K, code_offset=kw["w_code_offset"])
+    u_out = UNIT[x.dtype]
+    if kw["act_bits"] is None:
+        a64 = xs64
+        u_act = u_out if smooth is not None else 0.0
+    else:  # activation codes and scales as the float32 reference defines them
+        xs32 = x2.float() if smooth is None else x2.float() / smooth.float()
+        q, s = reference.quantize_activations(xs32, kw["act_bits"], kw.get("act_scale"), kw["act_group_size"])
+        a64 = q.double() * s.double()
+        u_act = 0.0
+    main = a64 @ w64.t()
+    mag = a64.abs() @ w64.abs().t()
+    err = u_act * mag
+    y, rank = main, 0
+    down, up = kw.get("lora_down"), kw.get("lora_up")
+    if down is not None:
+        rank = down.shape[1]
+        y = y + (xs64 @ down.double()) @ up.double()
+        mag_lr = (xs64.abs() @ down.double().abs()) @ up.double().abs()
+        u_lr = 0.0 if down.dtype == torch.float32 else UNIT[down.dtype]
+        err = err + 2 * u_lr * mag_lr
+        mag = mag + mag_lr
+    if kw.get("bias") is not None:
+        y = y + kw["bias"].double()
+        mag = mag + kw["bias"].double().abs()
+    gamma = (K + rank + 8) * 2.0**-24
+    err = err + gamma * mag
+    return y, u_out * y.abs() + (1 + u_out) * err
