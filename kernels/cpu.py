@@ -120,23 +120,48 @@ def _scaled_gemm(
     w_cols = w_scale.to(torch.float32).t()  # [G, N or 1]
     a_cols = act_scale.to(torch.float32)
     bias32 = None if bias is None else bias.to(torch.float32)
-    if len(bounds) == 2:  # one scale along K: a single integer GEMM, scaled (and biased) in one pass
-        scale = a_cols[:, :1] * w_cols[0]
-        partial = torch._int_mm(q, codes)
-        return partial * scale if bias32 is None else torch.addcmul(bias32, partial, scale)
-    uniform_act = a_cols.shape[1] == 1
+    # Every partial sum is made float32 before it meets a scale: int32 × float32 with broadcasting
+    # takes a slow type-promoting path in eager PyTorch (25-40× slower at [320, 3072]).
+    if len(bounds) == 2:  # one scale along K: a single integer GEMM, scaled (and biased) in place
+        y = torch._int_mm(q, codes).float()
+        if a_cols.shape[0] == 1:
+            y.mul_(a_cols[0, 0] * w_cols[0])
+        else:
+            y.mul_(a_cols[:, :1]).mul_(w_cols[0])
+        return y if bias32 is None else y.add_(bias32)
     act_of = [next(i for i in range(len(act_bounds) - 1) if act_bounds[i] <= lo < act_bounds[i + 1])
               for lo in bounds[:-1]]
+    n = codes.shape[1]
+    if n <= 2 * _N_CHUNK:
+        return _grouped_gemm(q, a_cols, codes, w_cols, bias32, bounds, act_of, width)
+    y = torch.empty(q.shape[0], n, dtype=torch.float32)
+    w_cols = w_cols.expand(-1, n)  # a per-tensor scale ([G, 1]) sliced like the others
+    for n0 in range(0, n, _N_CHUNK):  # the accumulator of one column chunk stays in the cache
+        cut = slice(n0, n0 + _N_CHUNK)
+        chunk_bias = None if bias32 is None else bias32[cut]
+        y[:, cut] = _grouped_gemm(q, a_cols, codes[:, cut], w_cols[:, cut], chunk_bias, bounds, act_of, width)
+    return y
+
+
+# Output columns per accumulator in the grouped GEMM: [M, 512] float32 partial sums stay in L2
+# (at 320 x 3072 x 12288 with groups of 64 this halves the time of accumulating over all columns).
+_N_CHUNK = 512
+
+
+def _grouped_gemm(q, a_cols, codes, w_cols, bias32, bounds, act_of, width) -> torch.Tensor:
+    """:func:`_scaled_gemm` over several K blocks, for the columns of ``codes [K, n]``."""
+    uniform_act = a_cols.shape[1] == 1
     acc = None
     for lo, hi, a in zip(bounds[:-1], bounds[1:], act_of, strict=True):
-        partial = torch._int_mm(q[:, lo:hi], codes[lo:hi])
-        scale = w_cols[lo // width] if uniform_act else a_cols[:, a : a + 1] * w_cols[lo // width]
+        partial = torch._int_mm(q[:, lo:hi], codes[lo:hi]).float()
+        if not uniform_act:
+            partial.mul_(a_cols[:, a : a + 1])
         if acc is None:
-            acc = partial * scale
+            acc = partial.mul_(w_cols[lo // width])
         else:
-            acc.addcmul_(partial, scale)
+            acc.addcmul_(partial, w_cols[lo // width])
     if uniform_act:
-        return acc * a_cols if bias32 is None else torch.addcmul(bias32, acc, a_cols)
+        acc.mul_(a_cols)
     return acc if bias32 is None else acc.add_(bias32)
 
 

@@ -23,6 +23,8 @@ LINEAR_CASES = [
     replace(CASES[1], name="w4a8-g64-static-bf16-3d", lead=(2, 5), w_group=64, dtype=torch.bfloat16),
     replace(CASES[3], name="w2a8-ch-dyn", w_bits=2, act_bits=8),
     replace(CASES[3], name="w3a8-ch-dyn-k-odd", w_bits=3, k=120, act_bits=8),
+    replace(CASES[0], name="w4a8-g64-wide-output-chunked", lead=(5,), n=1100),  # > 2 column chunks
+    replace(CASES[2], name="w4a4-g64-wide-output-chunked", lead=(5,), n=1100, dtype=torch.float32),
 ]
 
 
@@ -55,6 +57,15 @@ def test_cpu_activation_codes_are_the_references_bit_for_bit():
         assert torch.equal(scale.repeat_interleave(width, dim=1), ref_s.expand_as(x))
     static = torch.tensor(0.01)
     assert torch.equal(cpu._quantize_static(x, 8, static).float(), reference.quantize_activations(x, 8, static)[0])
+
+
+def test_per_tensor_weight_scales_over_column_chunks():
+    x = torch.randn(3, 128)
+    qweight = pack(torch.randint(0, 16, (1100, 128), dtype=torch.uint8), 4)
+    w_scale = torch.full((1, 2), 0.01)  # one scale per group for every output row
+    kw = dict(w_bits=4, w_code_offset=8, in_features=128, act_bits=8, act_group_size=None)
+    y = dispatch.quantized_linear(x, qweight, w_scale, None, **kw)
+    assert torch.allclose(y, reference.quantized_linear(x, qweight, w_scale, None, **kw), rtol=1e-5, atol=1e-5)
 
 
 def test_eight_bit_asymmetric_weights_run_the_reference_and_say_why():
