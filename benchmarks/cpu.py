@@ -33,9 +33,9 @@ import torch
 
 from common import DEFAULT_RESULTS, machine, machine_line, markdown, mib, write_results
 from memory import FLUX_DEV, MODELS, ModelSpec, build, stored_bytes
-from speed import _peer_configs, example_inputs, step_latency, time_diffq
+from speed import TINY_UNET, _peer_configs, example_inputs, step_latency, time_diffq
 
-SHAPES = {"sd15": (32, 77, 2), "flux": (32, 64, 1)}  # latent side, text tokens, batch
+SHAPES = {"sd15": (32, 77, 2), "flux": (32, 64, 1), "tiny": (8, 16, 2)}  # latent side, text tokens, batch
 
 
 def _sdnq(weights: str, int_matmul: bool):
@@ -95,6 +95,8 @@ def method_rows(
     model = build(spec, device="cpu", dtype=dtype).eval()
     _threads(max(threads))
     peers = peer_configs()
+    if method.split("-")[0] in ("quanto", "torchao", "sdnq", "modelopt") and method not in peers:
+        raise ValueError(f"unknown peer {method!r}; known: {', '.join(peers)}")
     is_diffq = method not in peers and method not in ("float32", "bfloat16")
     if method not in ("float32", "bfloat16"):
         calib = [example_inputs(model, latent=latent, text_tokens=tokens, batch=1, timestep=t) for t in (999.0, 1.0)]
@@ -141,7 +143,7 @@ def render(data: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="sd15,flux")
+    parser.add_argument("--models", default="sd15,flux", help="sd15, flux, or tiny (a smoke test)")
     parser.add_argument("--presets", default="w8a8,w4a8,w4a16,w8a16,w4a4")
     parser.add_argument("--peers", default="torchao-w8a8,torchao-w8a16,torchao-w4a16,quanto-w8a8,quanto-w8a16,"
                         "quanto-w4a16,sdnq-int8-matmul,sdnq-int8,sdnq-uint4,modelopt-int8-smoothquant")
@@ -156,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def names(value: str) -> list[str]:
         return [] if value in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
 
-    specs = {"sd15": MODELS["sd15"], "flux": flux_reduced(args.flux_depth)}
+    specs = {"sd15": MODELS["sd15"], "flux": flux_reduced(args.flux_depth), "tiny": TINY_UNET}
     threads = [int(t) for t in names(args.threads)]
     presets = names(args.presets)
     methods = ["float32", "bfloat16", *presets, *names(args.peers)]

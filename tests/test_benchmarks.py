@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import additivity  # noqa: E402
 import bits_curve  # noqa: E402
+import cpu  # noqa: E402
 import fid_robustness  # noqa: E402
 import memory  # noqa: E402
 import quality  # noqa: E402
@@ -362,3 +363,16 @@ def test_fid_robustness_matches_diffq_eval_and_kid_is_unbiased(tmp_path):
     assert kernel_distance(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
     with pytest.raises(ValueError, match="at least 2"):
         kernel_distance(x[:1], y)
+
+
+def test_cpu_step_benchmark_times_every_method_against_float32(tmp_path, capsys):
+    argv = ["--models", "tiny", "--presets", "w8a8-rtn", "--peers", "sdnq-int8,nope", "--threads", "1",
+            "--reps", "1", "--reference", "--out", str(tmp_path)]
+    assert cpu.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {"float32", "bfloat16", "w8a8-rtn", "w8a8-rtn (reference kernels)", "sdnq-int8", "nope"}
+    assert rows["float32"]["speedup"] == 1.0 and rows["w8a8-rtn"]["ms"] > 0
+    assert rows["w8a8-rtn"]["speedup"] == pytest.approx(rows["float32"]["ms"] / rows["w8a8-rtn"]["ms"])
+    assert rows["w8a8-rtn"]["weight_bytes"] == rows["w8a8-rtn (reference kernels)"]["weight_bytes"]
+    assert rows["nope"]["ms"] is None and "nope" in rows["nope"]["status"]  # a failing peer is a row with its error
+    assert "| tiny SD-layout UNet | w8a8-rtn | 1 |" in capsys.readouterr().out
