@@ -76,9 +76,14 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
     return load_pipeline(location, **kwargs)
 
 
-def save(pipe: Any, directory: str | os.PathLike) -> None:
-    """Save a (quantized) pipeline as a diffusers folder that :func:`load` reads back."""
-    save_quantized(pipe, directory)
+def save(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a (quantized) pipeline as a diffusers folder that :func:`load` reads back.
+
+    ``directory`` may be new, empty, or an earlier diffq checkpoint (replaced atomically; other files
+    in it are kept). An existing file or a folder with other contents is refused unless
+    ``overwrite=True``; the folder the pipeline was loaded from is refused always
+    (:mod:`diffq.saving`)."""
+    return save_quantized(pipe, directory, overwrite=overwrite)
 
 
 def calibrate(

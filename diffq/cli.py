@@ -50,17 +50,21 @@ def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import diffq
+    from diffq.pipelines.serialization import is_diffq_folder, source_folders
+    from diffq.saving import check_target
 
     start = time.perf_counter()
     pipe = diffq.load(args.model)
+    out = Path(args.out)
+    # Refuse a target the save would refuse before spending minutes on calibration.
+    check_target(out, overwrite=args.overwrite, sources=source_folders(pipe), is_checkpoint=is_diffq_folder)
     fp_bytes = diffq.weight_bytes(pipe)
     prompts = _read_prompts(args.prompts)
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
                    temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
                    check=not args.no_check, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    out = Path(args.out)
-    diffq.save(pipe, out)
+    diffq.save(pipe, out, overwrite=args.overwrite)
     plan = diffq.pipelines.serialization.plan_of(diffq.pipelines.denoiser_of(pipe))
     report = {
         "model": args.model,
@@ -243,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it with DIR/diffq_report.json")
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="bundled name, Hub id or local folder")
     q.add_argument("--preset", default="w4a8", help=f"one of {', '.join(diffq.available_presets())}")
-    q.add_argument("--out", required=True, help="folder to write the quantized pipeline to")
+    q.add_argument("--out", required=True,
+                   help="folder to write the quantized pipeline to: new, empty, or an earlier diffq checkpoint "
+                        "(replaced atomically, other files kept); never the model's own folder")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing file or a folder with other contents at --out")
     q.add_argument("--prompts", help="calibration prompts, one per line")
     q.add_argument("--calibration-steps", type=int, default=8)
     q.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)

@@ -4,15 +4,14 @@ The denoiser's folder holds its packed state (``diffusion_pytorch_model.safetens
 codes, scales, biases, activation scales) and its ``config.json`` gains a
 ``quantization_config`` entry: ``{"quant_method": "diffq", "plan": <QuantPlan>}``. Every other
 component is saved by diffusers as usual. Folders are written to a temporary sibling and
-renamed into place, so an interrupted save never leaves a half-written checkpoint.
+renamed into place, so an interrupted save never leaves a half-written checkpoint; which targets may
+be written at all is :mod:`diffq.saving`'s policy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from diffq.errors import CheckpointError
 from diffq.pipelines.adapters import denoiser_name, denoiser_of
 from diffq.plan import QuantPlan
+from diffq.saving import recover, write_folder, written_files
 
 QUANT_METHOD = "diffq"
 PLAN_ATTR = "diffq_plan"
@@ -41,25 +41,31 @@ def attach_plan(model: nn.Module, plan: QuantPlan) -> None:
         model.config.quantization_config = entry
 
 
-def save_quantized(pipe: Any, directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """Write ``pipe`` (quantized or not) to ``directory`` atomically; returns the folder."""
-    target = Path(directory).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True, **kwargs)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+def source_folders(pipe: Any) -> list[Path]:
+    """The local folders the pipeline's (and each component's) files were loaded from."""
+    found = []
+    for obj in (pipe, *getattr(pipe, "components", {}).values()):
+        config = getattr(obj, "config", None)
+        for name in (getattr(obj, "name_or_path", None), getattr(config, "_name_or_path", None)):
+            if isinstance(name, (str, os.PathLike)) and str(name) and Path(name).expanduser().is_dir():
+                found.append(Path(name).expanduser())
+    return found
+
+
+def is_diffq_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint diffq wrote (its marker, or an older diffq-quantized pipeline)."""
+    return written_files(folder) is not None or quantized_component(folder) is not None
+
+
+def save_quantized(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> Path:
+    """Write ``pipe`` (quantized or not) to ``directory`` under :mod:`diffq.saving`'s policy; returns the folder."""
+    return write_folder(
+        directory,
+        lambda staging: pipe.save_pretrained(staging, safe_serialization=True, **kwargs),
+        overwrite=overwrite,
+        sources=source_folders(pipe),
+        is_checkpoint=is_diffq_folder,
+    )
 
 
 def quantized_component(folder: Path) -> tuple[str, dict] | None:
@@ -85,6 +91,7 @@ def load_quantized_pipeline(folder: str | os.PathLike, **kwargs: Any):
 
     register()
     folder = Path(folder)
+    recover(folder)  # a save killed between its two renames left the earlier checkpoint aside
     if quantized_component(folder) is None:
         raise CheckpointError(f"{folder} holds no diffq-quantized component.")
     try:
@@ -106,4 +113,5 @@ __all__ = [
     "plan_of",
     "quantized_component",
     "save_quantized",
+    "source_folders",
 ]

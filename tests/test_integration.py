@@ -33,9 +33,12 @@ def test_plain_diffusers_from_pretrained_loads_diffq_layers(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
     assert isinstance(unet.up_blocks[1].resnets[0].conv1, diffq.QuantizedConv2d)
     assert np.array_equal(run_tiny(diffq.load(tmp_path)), expected)
-    # Saving a loaded checkpoint over its own folder works (no file stays memory-mapped).
-    diffq.save(loaded, tmp_path)
-    assert np.array_equal(run_tiny(DiffusionPipeline.from_pretrained(tmp_path)), expected)
+    # The folder a pipeline was loaded from is never written (diffq.saving), even a diffq checkpoint;
+    # saving the loaded pipeline elsewhere gives the same checkpoint (no tensor stays memory-mapped).
+    with pytest.raises(diffq.DiffQError, match="loaded from"):
+        diffq.save(loaded, tmp_path, overwrite=True)
+    diffq.save(loaded, tmp_path / "again")
+    assert np.array_equal(run_tiny(DiffusionPipeline.from_pretrained(tmp_path / "again")), expected)
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
