@@ -50,14 +50,12 @@ def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import diffq
-    from diffq.pipelines.serialization import is_diffq_folder, source_folders
-    from diffq.saving import check_target
+    from diffq.pipelines.serialization import check_save_target
 
     start = time.perf_counter()
     pipe = diffq.load(args.model)
     out = Path(args.out)
-    # Refuse a target the save would refuse before spending minutes on calibration.
-    check_target(out, overwrite=args.overwrite, sources=source_folders(pipe), is_checkpoint=is_diffq_folder)
+    check_save_target(pipe, out, overwrite=args.overwrite)  # before minutes of calibration, not after
     fp_bytes = diffq.weight_bytes(pipe)
     prompts = _read_prompts(args.prompts)
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,

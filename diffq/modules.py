@@ -71,7 +71,9 @@ class _QuantizedWeightMixin(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        self.refresh_kernel_layout()  # the layout follows the device, never travels to another one
+        on_cpu = self.qweight.device.type == "cpu" and not self.qweight.is_meta
+        if on_cpu != (self.kernel_codes is not None):  # moved: the layout follows the device, never travels
+            self.refresh_kernel_layout()
         return self
 
     def _init_branch_buffers(self, in_channels: int, config: LayerConfig, dtype: torch.dtype, device) -> None:

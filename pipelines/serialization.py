@@ -20,7 +20,7 @@ from torch import nn
 from diffq.errors import CheckpointError
 from diffq.pipelines.adapters import denoiser_name, denoiser_of
 from diffq.plan import QuantPlan
-from diffq.saving import recover, write_folder, written_files
+from diffq.saving import check_target, recover, write_folder, written_files
 
 QUANT_METHOD = "diffq"
 PLAN_ATTR = "diffq_plan"
@@ -55,6 +55,12 @@ def source_folders(pipe: Any) -> list[Path]:
 def is_diffq_folder(folder: Path) -> bool:
     """Whether ``folder`` is a checkpoint diffq wrote (its marker, or an older diffq-quantized pipeline)."""
     return written_files(folder) is not None or quantized_component(folder) is not None
+
+
+def check_save_target(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise what :func:`save_quantized` would raise for ``directory`` before anything is written
+    (so a command can refuse a target before it spends minutes quantizing)."""
+    check_target(Path(directory), overwrite=overwrite, sources=source_folders(pipe), is_checkpoint=is_diffq_folder)
 
 
 def save_quantized(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> Path:
@@ -107,6 +113,7 @@ def load_quantized_pipeline(folder: str | os.PathLike, **kwargs: Any):
 
 __all__ = [
     "attach_plan",
+    "check_save_target",
     "denoiser_name",
     "denoiser_of",
     "load_quantized_pipeline",
