@@ -33,6 +33,7 @@ from PIL import Image  # noqa: E402
 
 import diffq  # noqa: E402
 from diffq.pipelines import adapter_for, denoiser_of  # noqa: E402
+from diffq.pipelines.call_defaults import call_defaults  # noqa: E402
 from diffq.pipelines.serialization import plan_of  # noqa: E402
 
 log = logging.getLogger("diffq.demo")
@@ -133,15 +134,6 @@ def validate_request(model: Any, preset: Any, prompt: Any, seed: Any, steps: Any
     return Request(model, preset, prompt, seed_value, steps_value, temporal_bits)
 
 
-def _bundled_call_kwargs(name: str) -> dict[str, Any] | None:
-    try:
-        from diffq.pipelines import reference
-    except ImportError:
-        return None
-    kwargs = getattr(reference, "DEFAULT_CALL_KWARGS", {}).get(name)
-    return dict(kwargs) if kwargs is not None else None
-
-
 def source_model(model: str) -> str | None:
     """The model a local diffq-quantized folder was made from (its ``diffq_report.json``), if recorded."""
     report = Path(model).expanduser() / "diffq_report.json"
@@ -154,10 +146,7 @@ def source_model(model: str) -> str | None:
 
 def default_call_kwargs(model: str) -> dict[str, Any]:
     """Pipeline call defaults for ``model``: a bundled model's (also for a folder quantized from one), else none."""
-    for name in (model, source_model(model)):
-        if name and (kwargs := _bundled_call_kwargs(name)) is not None:
-            return kwargs
-    return {}
+    return call_defaults(model)
 
 
 def default_steps(model: str) -> int | None:

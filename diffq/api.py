@@ -20,6 +20,7 @@ from diffq.modules import QUANTIZED_MODULES
 from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_name, denoiser_of
 from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts
 from diffq.pipelines.loading import default_checkpoint, load_pipeline, resolve_model
+from diffq.pipelines.managed import manage
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.pipelines.plan_check import keep_better_than_uniform
 from diffq.pipelines.sensitivity import fingerprint, measure_sensitivity
@@ -73,7 +74,7 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
 
         if quantized_component(Path(location)) is not None:
             return load_quantized_pipeline(location, **kwargs)
-    return load_pipeline(location, **kwargs)
+    return manage(load_pipeline(location, **kwargs))
 
 
 def save(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -208,7 +209,7 @@ def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None,
     model = denoiser_of(target) if _is_pipeline(target) else target
     convert_model(model, plan, stats, progress=progress)
     _finish_conversion(model, plan)
-    return target
+    return manage(target) if _is_pipeline(target) else target
 
 
 def _finish_conversion(model: nn.Module, plan: QuantPlan) -> None:
@@ -380,7 +381,7 @@ def quantize(
         convert(resolved, plan, stats, progress=progress)
     for name in extra_components:
         quantize_weights_only(getattr(resolved, name), recipe, progress=progress)
-    return resolved
+    return manage(resolved) if is_pipe else resolved
 
 
 def _is_float(model: nn.Module, name: str) -> bool:

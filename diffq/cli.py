@@ -33,13 +33,9 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
     """Pipeline-call defaults of a bundled model, overridden by the flags that were given."""
-    kwargs: dict = {}
-    try:
-        from diffq.pipelines import reference
+    from diffq.pipelines.call_defaults import call_defaults
 
-        kwargs.update(getattr(reference, "DEFAULT_CALL_KWARGS", {}).get(model, {}))
-    except ImportError:
-        pass
+    kwargs = call_defaults(model)
     for flag, key in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
                       ("height", "height"), ("width", "width")):
         value = getattr(args, flag, None)

@@ -108,10 +108,10 @@ def parse_presets(presets: str | Sequence[str]) -> list[str]:
 
 
 def default_call_kwargs(model: str) -> dict[str, Any]:
-    """Pipeline call settings (steps, guidance, size) of a bundled model; ``{}`` for others."""
-    from diffq.pipelines.reference import DEFAULT_CALL_KWARGS
+    """Pipeline call settings (steps, guidance, size) of a bundled model or a folder made from one; ``{}`` for others."""
+    from diffq.pipelines.call_defaults import call_defaults
 
-    return dict(DEFAULT_CALL_KWARGS.get(model, {}))
+    return call_defaults(model)
 
 
 def _load_fresh(model: str) -> Any:

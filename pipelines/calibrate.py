@@ -14,6 +14,7 @@ from diffq.calibration import ActivationObserver, CalibrationStats
 from diffq.context import set_cfg_split
 from diffq.errors import QuantizationInputError, UnsupportedTargetError
 from diffq.pipelines.adapters import adapter_for, denoiser_of
+from diffq.pipelines.call_defaults import bundled_name, call_defaults
 from diffq.pipelines.patching import install_timestep_hook
 
 DEFAULT_PROMPTS = (
@@ -53,24 +54,10 @@ def conditioning(pipe: Any, items: Sequence[str | int]) -> dict[str, Any]:
     )
 
 
-def bundled_name(pipe: Any) -> str | None:
-    """The bundled model a pipeline was loaded from, if any."""
-    from diffq.pipelines.loading import bundled_models
-
-    source = str(getattr(pipe, "name_or_path", "") or getattr(getattr(pipe, "config", None), "_name_or_path", ""))
-    for name, folder in bundled_models().items():
-        if source and source == str(folder):
-            return name
-    return None
-
-
 def default_call_kwargs(pipe: Any) -> dict[str, Any]:
-    """Call arguments a bundled model needs (size, guidance, PixArt's resolution binning off);
-    ``{}`` for other pipelines. The number of steps is left to the caller."""
-    from diffq.pipelines import reference
-
-    name = bundled_name(pipe)
-    kwargs = dict(reference.DEFAULT_CALL_KWARGS.get(name, {})) if name else {}
+    """:func:`~diffq.pipelines.call_defaults.call_defaults` of ``pipe`` without the number of steps
+    (calibration and the sensitivity analysis choose their own)."""
+    kwargs = call_defaults(pipe)
     kwargs.pop("num_inference_steps", None)
     return kwargs
 

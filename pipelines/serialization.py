@@ -10,8 +10,11 @@ be written at all is :mod:`diffq.saving`'s policy.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,13 @@ from torch import nn
 
 from diffq.errors import CheckpointError
 from diffq.pipelines.adapters import denoiser_name, denoiser_of
+from diffq.pipelines.call_defaults import write_call_defaults
 from diffq.plan import QuantPlan
 from diffq.saving import check_target, recover, write_folder, written_files
 
 QUANT_METHOD = "diffq"
 PLAN_ATTR = "diffq_plan"
+_SAVING = contextvars.ContextVar("diffq_saving", default=False)  # inside a policy-guarded save
 
 
 def plan_of(module: nn.Module) -> QuantPlan | None:
@@ -39,6 +44,18 @@ def attach_plan(model: nn.Module, plan: QuantPlan) -> None:
         model.register_to_config(quantization_config=entry)
     elif hasattr(getattr(model, "config", None), "to_dict"):  # a transformers PreTrainedModel
         model.config.quantization_config = entry
+    if hasattr(type(model), "save_pretrained"):
+        model.save_pretrained = types.MethodType(_model_save_pretrained, model)
+
+
+def _model_save_pretrained(self: Any, save_directory: str | os.PathLike, *args: Any, overwrite: bool = False,
+                           **kwargs: Any) -> Any:
+    """A quantized model's ``save_pretrained``, under :mod:`diffq.saving`'s policy (see :func:`save_with_policy`)."""
+    return save_with_policy(self, type(self).save_pretrained.__get__(self), save_directory, *args,
+                            overwrite=overwrite, **kwargs)
+
+
+_model_save_pretrained.__name__ = "save_pretrained"  # what pickling a bound method looks up again
 
 
 def source_folders(pipe: Any) -> list[Path]:
@@ -53,8 +70,14 @@ def source_folders(pipe: Any) -> list[Path]:
 
 
 def is_diffq_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a checkpoint diffq wrote (its marker, or an older diffq-quantized pipeline)."""
-    return written_files(folder) is not None or quantized_component(folder) is not None
+    """Whether ``folder`` is a checkpoint diffq wrote (its marker, or an older diffq-quantized pipeline or model)."""
+    if written_files(folder) is not None or quantized_component(folder) is not None:
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
 def check_save_target(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -63,15 +86,37 @@ def check_save_target(pipe: Any, directory: str | os.PathLike, *, overwrite: boo
     check_target(Path(directory), overwrite=overwrite, sources=source_folders(pipe), is_checkpoint=is_diffq_folder)
 
 
+def save_with_policy(obj: Any, save: Callable[..., Any], directory: str | os.PathLike, *args: Any,
+                     overwrite: bool = False, **kwargs: Any) -> Any:
+    """Run ``save(folder, *args, **kwargs)`` (a diffusers/transformers ``save_pretrained``) for
+    ``obj`` under :mod:`diffq.saving`'s policy: into a staging folder renamed over ``directory``.
+
+    The pipeline's call defaults are recorded beside its files. A save inside another guarded
+    save (a pipeline saving its quantized denoiser) writes straight into the staging folder.
+    """
+    if _SAVING.get():
+        return save(directory, *args, **kwargs)
+    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+        kwargs["repo_id"] = Path(directory).name  # diffusers would otherwise name the repo after the staging folder
+    result = None
+
+    def write(staging: Path) -> None:
+        nonlocal result
+        result = save(staging, *args, **kwargs)
+        write_call_defaults(obj, staging)
+
+    token = _SAVING.set(True)
+    try:
+        write_folder(directory, write, overwrite=overwrite, sources=source_folders(obj), is_checkpoint=is_diffq_folder)
+    finally:
+        _SAVING.reset(token)
+    return result
+
+
 def save_quantized(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> Path:
     """Write ``pipe`` (quantized or not) to ``directory`` under :mod:`diffq.saving`'s policy; returns the folder."""
-    return write_folder(
-        directory,
-        lambda staging: pipe.save_pretrained(staging, safe_serialization=True, **kwargs),
-        overwrite=overwrite,
-        sources=source_folders(pipe),
-        is_checkpoint=is_diffq_folder,
-    )
+    save_with_policy(pipe, pipe.save_pretrained, directory, overwrite=overwrite, safe_serialization=True, **kwargs)
+    return Path(directory).expanduser().resolve()
 
 
 def quantized_component(folder: Path) -> tuple[str, dict] | None:
@@ -94,6 +139,7 @@ def load_quantized_pipeline(folder: str | os.PathLike, **kwargs: Any):
     from diffusers import DiffusionPipeline
 
     from diffq.pipelines.backend import register
+    from diffq.pipelines.managed import manage
 
     register()
     folder = Path(folder)
@@ -101,7 +147,7 @@ def load_quantized_pipeline(folder: str | os.PathLike, **kwargs: Any):
     if quantized_component(folder) is None:
         raise CheckpointError(f"{folder} holds no diffq-quantized component.")
     try:
-        return DiffusionPipeline.from_pretrained(folder, **kwargs)
+        return manage(DiffusionPipeline.from_pretrained(folder, **kwargs))
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -120,5 +166,6 @@ __all__ = [
     "plan_of",
     "quantized_component",
     "save_quantized",
+    "save_with_policy",
     "source_folders",
 ]

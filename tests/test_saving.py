@@ -143,3 +143,36 @@ def test_a_killed_save_leaves_one_whole_checkpoint(tmp_path):
         images = run_tiny(diffq.load(target))  # recovers a checkpoint left aside between two renames
         assert any(np.array_equal(images, c) for c in candidates)
         assert (target / MARKER).exists()
+
+
+def test_save_pretrained_of_a_quantized_pipeline_follows_the_policy(float_folder, tmp_path):
+    """``pipe.save_pretrained`` (diffusers' own verb) and the denoiser's refuse what ``diffq.save`` refuses."""
+    pipe = diffq.quantize(diffq.load(float_folder), "w8a8-rtn", progress=False)
+    before = tree_digest(float_folder)
+    for target in (float_folder, float_folder / "unet"):
+        with pytest.raises(OverwriteRefusedError, match="loaded from"):
+            pipe.save_pretrained(target, overwrite=True)
+    with pytest.raises(OverwriteRefusedError, match="loaded from"):
+        pipe.unet.save_pretrained(float_folder / "unet")
+    assert tree_digest(float_folder) == before
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for save in (pipe.save_pretrained, pipe.unet.save_pretrained):
+        with pytest.raises(OverwriteRefusedError, match="did not write"):
+            save(notes)
+        assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+    out = tmp_path / "quantized"
+    pipe.save_pretrained(out)
+    (out / "README.md").write_text("my notes")
+    pipe.save_pretrained(out)  # an earlier checkpoint is replaced, the user's file beside it kept
+    assert (out / "README.md").read_text() == "my notes" and (out / MARKER).is_file()
+    reloaded = diffq.load(out)
+    assert np.array_equal(run_tiny(reloaded, steps=2), run_tiny(pipe, steps=2))
+
+    unet_folder = tmp_path / "unet-only"
+    pipe.unet.save_pretrained(unet_folder)
+    pipe.unet.save_pretrained(unet_folder)  # a model folder diffq wrote is replaced too
+    assert (unet_folder / "config.json").is_file() and not list(tmp_path.glob(".unet-only.*"))
