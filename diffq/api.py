@@ -170,6 +170,7 @@ def sensitivity(
     shard: tuple[int, int] = (0, 1),
     metric: SensitivityMetric = "decoupled",
     progress: bool = True,
+    overwrite: bool = False,
     **call_kwargs: Any,
 ) -> Sensitivity:
     """Quantize each layer alone with each candidate and score it against full precision.
@@ -178,6 +179,8 @@ def sensitivity(
     quality layers by SQNR (dB) of the denoiser output; with ``metric="image"`` every layer by the
     PSNR (dB) of the final images. ``cache`` is a JSON file the analysis resumes from and writes
     after every layer (``"auto"``: under ``$DIFFQ_CACHE`` or ``~/.cache/diffq``; ``None``: no file).
+    A rerun with the same settings continues where an interrupted one stopped (as ``diffq eval``
+    does); a file at ``cache`` that is not an analysis is refused unless ``overwrite=True``.
     """
     check_metric(metric)
     denoiser = denoiser_of(pipe)
@@ -192,7 +195,7 @@ def sensitivity(
         cache = cache_dir() / "sensitivity" / f"{key}.json"
     return measure_sensitivity(
         pipe, layers, candidates, stats, prompts, num_inference_steps, seed, cache=cache, shard=shard,
-        progress=progress, metric=metric, **call_kwargs,
+        progress=progress, metric=metric, overwrite=overwrite, **call_kwargs,
     )
 
 

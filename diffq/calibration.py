@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from torch import nn
 
 from diffq.context import cfg_split_active, current_timestep
 from diffq.errors import CheckpointError, QuantizationInputError
+from diffq.saving import check_file_target, json_has_keys, write_file
 
 STATS_VERSION = 2
 NO_TIMESTEP = -1.0  # key for activations seen outside a denoiser call
@@ -207,9 +207,14 @@ class CalibrationStats:
 
     # ----------------------------------------------------------------- files
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``path`` (safetensors) and ``path.json`` (index), atomically."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write ``path`` (safetensors) and ``path.json`` (index), each atomically. Earlier statistics
+        at ``path`` are replaced; any other existing file only with ``overwrite=True``."""
         path = Path(path)
+        index_path = Path(f"{path}.json")
+        ours = json_has_keys("version", "layers")
+        for target in (path, index_path):  # refuse before writing either
+            check_file_target(target, overwrite=overwrite, replaceable=lambda _target: ours(index_path))
         tensors: dict[str, torch.Tensor] = {}
         index: dict[str, dict] = {}
         for li, (name, steps) in enumerate(self.layers.items()):
@@ -229,8 +234,8 @@ class CalibrationStats:
                 tensors[f"{li}.bos"] = self.bos[name].contiguous()
             index[name] = layer
         meta = {"version": STATS_VERSION, "layers": index}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
-        _atomic_write(Path(f"{path}.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+        write_file(path, lambda temporary: save_file(tensors, str(temporary)), overwrite=True)
+        write_file(index_path, lambda temporary: temporary.write_text(json.dumps(meta)), overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
@@ -261,18 +266,6 @@ class CalibrationStats:
             raise CheckpointError(f"calibration file missing: {err.filename}; run diffq.calibrate again.") from err
         except (KeyError, ValueError, OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"calibration statistics at {path} are corrupt ({err!r}); recalibrate.") from err
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ActivationObserver:

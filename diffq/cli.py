@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from diffq.saving import check_file_target, json_has_keys, png_info, png_is_ours, write_file
 
 DEFAULT_MODEL = "digits-sd"
 NO_CHECK_HELP = (
@@ -19,16 +19,13 @@ METRIC_HELP = (
     "mixed precision: score each layer by MixDQ's two metrics (decoupled: SSIM for content layers, SQNR "
     "for quality layers) or by the final images' PSNR (image)"
 )
+OVERWRITE_FILE_HELP = (
+    "replace existing files at the output paths that diffq did not write (an earlier file of the same kind "
+    "diffq wrote is replaced anyway)"
+)
 TEMPORAL_BITS_HELP = (
     "quantize the temporal modulation layers (AdaLN, time projections) weight-only too; by default they stay 16-bit"
 )
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
@@ -46,7 +43,7 @@ def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import diffq
-    from diffq.pipelines.serialization import check_save_target
+    from diffq.pipelines.serialization import check_save_target, save_quantized
 
     start = time.perf_counter()
     pipe = diffq.load(args.model)
@@ -58,7 +55,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                    temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
                    check=not args.no_check, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    diffq.save(pipe, out, overwrite=args.overwrite)
     plan = diffq.pipelines.serialization.plan_of(diffq.pipelines.denoiser_of(pipe))
     report = {
         "model": args.model,
@@ -73,7 +69,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "compression": round(fp_bytes / max(diffq.weight_bytes(pipe), 1), 3),
         "seconds": round(seconds, 2),
     }
-    _write_json_atomic(out / "diffq_report.json", report)
+    save_quantized(pipe, out, overwrite=args.overwrite,  # the report is part of the checkpoint, written with it
+                   extra_files={"diffq_report.json": json.dumps(report, indent=2) + "\n"})
     print(f"quantized {args.model} with {args.preset}: {report['quantized_layers']} layers, "
           f"denoiser {fp_bytes / 2**20:.2f} MiB -> {report['weight_bytes'] / 2**20:.2f} MiB "
           f"({report['compression']}x) in {seconds:.1f}s; saved to {out}")
@@ -87,20 +84,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip():
         raise diffq.QuantizationInputError("--prompt is empty; say what to draw, e.g. --prompt 'a handwritten digit 7'.")
+    out = Path(args.out)
+    image_format = _image_format(out)
+    check_file_target(out, overwrite=args.overwrite, replaceable=png_is_ours)  # before the model is loaded
     pipe = diffq.load(args.model)
     if args.preset:
         diffq.quantize(pipe, args.preset, progress=not args.no_progress)
     pipe.set_progress_bar_config(disable=args.no_progress)
     generator = torch.Generator().manual_seed(args.seed)
     image = pipe(args.prompt, generator=generator, **_call_kwargs(args.model, args)).images[0]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix or ".png")
-    os.close(fd)
-    image.save(tmp)
-    os.replace(tmp, out)
+    options = {"pnginfo": png_info()} if image_format == "PNG" else {}
+    write_file(out, lambda temporary: image.save(temporary, format=image_format, **options),
+               overwrite=args.overwrite, replaceable=png_is_ours)
     print(f"wrote {out}")
     return 0
+
+
+def _image_format(path: Path) -> str:
+    """The PIL format an image path's suffix names (PNG when it has none)."""
+    from PIL import Image
+
+    if not path.suffix:
+        return "PNG"
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        from diffq.errors import QuantizationInputError
+
+        raise QuantizationInputError(f"--out {path}: {path.suffix!r} is not an image format PIL writes; use .png or .jpg.")
+    return image_format
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -115,15 +126,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.plot and not args.out:
         raise diffq.QuantizationInputError("say what to write: --plot DIR and/or --out STATS.safetensors.")
+    ours = json_has_keys("version", "layers")
+    if args.out:  # refused before calibrating, not after
+        for target in (Path(args.out), Path(f"{args.out}.json")):
+            check_file_target(target, overwrite=args.overwrite, replaceable=lambda _t: ours(Path(f"{args.out}.json")))
+    if args.plot:
+        check_file_target(Path(args.plot) / "activation_ranges.png", overwrite=args.overwrite, replaceable=png_is_ours)
     pipe = diffq.load(args.model)
     prompts = _read_prompts(args.prompts)
     call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
     stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps or 8, progress=not args.no_progress, **call)
     if args.out:
-        stats.save(args.out)
+        stats.save(args.out, overwrite=args.overwrite)
         print(f"wrote {args.out} and {args.out}.json")
     if args.plot:
-        figure = plot_activation_ranges(stats, args.plot, top=args.top)
+        figure = plot_activation_ranges(stats, args.plot, top=args.top, overwrite=args.overwrite)
         print(f"wrote {figure}")
         for name in widest_drift(stats, args.top):
             print(f"  drift x{stats.drift(name):6.2f}  {name}")
@@ -145,7 +162,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     """Measure sensitivities; under ``accelerate launch`` each process takes every n-th layer."""
     import diffq
     from diffq.distributed import end_processes, gather_objects, process_state
-    from diffq.sensitivity import Candidate
+    from diffq.sensitivity import Candidate, is_sensitivity_file
 
     state = process_state(force_cpu=args.cpu)
     index, count, is_main = state.process_index, state.num_processes, state.is_main_process
@@ -155,9 +172,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts)
     out = Path(args.out)
     part = out.with_name(f"{out.name}.part{index}-of-{count}") if count > 1 else out
+    check_file_target(out, overwrite=args.overwrite, replaceable=is_sensitivity_file)
     result = diffq.sensitivity(
         pipe, None, candidates, prompts, num_inference_steps=args.steps, cache=part, shard=(index, count),
-        metric=args.metric, progress=not args.no_progress and is_main, **call,
+        metric=args.metric, progress=not args.no_progress and is_main, overwrite=args.overwrite, **call,
     )
     if count > 1:
         parts = gather_objects([result], state)
@@ -165,7 +183,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             merged = parts[0]
             for other in parts[1:]:
                 merged = merged.merge(other)
-            merged.save(out)
+            merged.save(out, overwrite=args.overwrite)
     end_processes(state)
     if is_main:
         print(f"wrote {out}")
@@ -182,6 +200,11 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             f"--preset {preset!r} is uniform; allocate chooses bits for mixed precision: pass a budget preset "
             "such as w3.5a8, or --budget with the default 'mixed'."
         )
+    if args.out:  # refused before minutes of work, not after
+        check_file_target(Path(args.out), overwrite=args.overwrite,
+                          replaceable=json_has_keys("format_version", "preset", "layers"))
+    if args.plot:
+        check_file_target(Path(args.plot) / "bits_per_layer.png", overwrite=args.overwrite, replaceable=png_is_ours)
     pipe = diffq.load(args.model)
     call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
     prompts = _read_prompts(args.prompts)
@@ -196,17 +219,12 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     print(plan.table())
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(plan.to_json())
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        plan.save(args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
     if args.plot:
         adapter = diffq.pipelines.adapter_for(diffq.pipelines.denoiser_of(pipe))
         groups = {name: adapter.group_of(name) for name in plan.layers}
-        print(f"wrote {plot_bits(plan, args.plot, groups)}")
+        print(f"wrote {plot_bits(plan, args.plot, groups, overwrite=args.overwrite)}")
     return 0
 
 
@@ -221,14 +239,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sys.argv += (["--share"] if args.share else []) + (["--threads", str(args.threads)] if args.threads else [])
     runpy.run_path(str(app), run_name="__main__")
     return 0
-
-
-def not_yet(name: str, issue: str):
-    def run(_args: argparse.Namespace) -> int:
-        print(f"diffq {name}: not yet available ({issue}).", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,16 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help=OVERWRITE_FILE_HELP)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="compare presets: DIR/report.json, report.md, grid.png")
-    try:
-        from diffq.metrics import evaluate
+    e = sub.add_parser("eval", help="compare presets: DIR/report.json, report.md, grid.png (resumes)")
+    from diffq.metrics import evaluate
 
-        evaluate.configure_parser(e)
-        e.set_defaults(func=cmd_eval)
-    except (ImportError, AttributeError):
-        e.set_defaults(func=not_yet("eval", "the evaluation harness is not installed"))
+    evaluate.configure_parser(e)
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("calibrate", help="per-step activation statistics: save them and/or plot their drift")
     c.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -287,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--height", type=int)
     c.add_argument("--width", type=int)
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_FILE_HELP)
     c.set_defaults(func=cmd_calibrate)
 
     def pipeline_call_flags(p: argparse.ArgumentParser) -> None:
@@ -296,10 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--height", type=int)
         p.add_argument("--width", type=int)
         p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_FILE_HELP)
 
     s = sub.add_parser("sensitivity", help="per-layer sensitivity (run under accelerate launch to split layers)")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    s.add_argument("--out", required=True, help="sensitivity JSON (resumed if it exists)")
+    s.add_argument("--out", required=True,
+                   help="sensitivity JSON, written after every layer: a rerun of the same command resumes from it "
+                        "(as diffq eval resumes from its folder)")
     s.add_argument("--candidates", help="comma-separated, e.g. w2a8,w4a8,w4a8r32,w8a8 (default: all)")
     s.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU exists")
     s.add_argument("--metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)

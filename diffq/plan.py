@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from diffq.errors import CheckpointError, QuantizationInputError
 from diffq.formats import SUPPORTED_BITS
+from diffq.saving import json_has_keys, write_file
 
 ActivationMode = Literal["dynamic", "static"]
 ClipMethod = Literal["minmax", "mse", "percentile"]
@@ -141,6 +143,13 @@ class QuantPlan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the plan as JSON, atomically; an earlier plan at ``path`` is replaced, any other file
+        only with ``overwrite=True``."""
+        text = self.to_json()
+        write_file(path, lambda temporary: temporary.write_text(text), overwrite=overwrite,
+                   replaceable=json_has_keys("format_version", "preset", "layers"))
 
     @classmethod
     def from_json(cls, text: str) -> QuantPlan:

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from diffq.calibration import NO_TIMESTEP, CalibrationStats
+from diffq.saving import png_is_ours, write_file
 
 
-def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
-    """Write ``fig`` to ``out_dir/name`` atomically (temp file, then rename) and close it."""
+def save_figure(fig, out_dir: str | os.PathLike, name: str, *, overwrite: bool = False) -> Path:
+    """Write ``fig`` to ``out_dir/name`` (:func:`diffq.saving.write_file`: an earlier diffq chart is
+    replaced, another file only with ``overwrite``) and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=Path(name).suffix)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out / name)
-    return out / name
+    try:
+        return write_file(Path(out_dir) / name,
+                          lambda temporary: fig.savefig(temporary, format="png", dpi=110, metadata={"Software": "diffq"}),
+                          overwrite=overwrite, replaceable=png_is_ours)
+    finally:
+        plt.close(fig)
 
 
 def widest_drift(stats: CalibrationStats, top: int = 6) -> list[str]:
@@ -29,7 +28,8 @@ def widest_drift(stats: CalibrationStats, top: int = 6) -> list[str]:
     return sorted(stats.layers, key=stats.drift, reverse=True)[:top]
 
 
-def plot_activation_ranges(stats: CalibrationStats, out_dir: str | os.PathLike, top: int = 6) -> Path:
+def plot_activation_ranges(stats: CalibrationStats, out_dir: str | os.PathLike, top: int = 6, *,
+                           overwrite: bool = False) -> Path:
     """Plot |x| max and 99.9th percentile against the denoising step for the widest-drift layers."""
     import matplotlib
 
@@ -56,10 +56,10 @@ def plot_activation_ranges(stats: CalibrationStats, out_dir: str | os.PathLike, 
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle("Activation range per denoising step (layers with the widest drift)")
-    return save_figure(fig, out_dir, "activation_ranges.png")
+    return save_figure(fig, out_dir, "activation_ranges.png", overwrite=overwrite)
 
 
-def plot_bits(plan, out_dir: str | os.PathLike, groups: dict[str, str] | None = None) -> Path:
+def plot_bits(plan, out_dir: str | os.PathLike, groups: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
     """Bar chart of weight bits per layer (colour: content or quality group), with activation bits marked."""
     import matplotlib
 
@@ -83,4 +83,4 @@ def plot_bits(plan, out_dir: str | os.PathLike, groups: dict[str, str] | None = 
     params = sum(1 for _ in names)
     ax.set_title(f"{plan.preset}: bits per layer ({params} layers; orange = content, blue = quality, "
                  "▼ = 4-bit activations, ★ = low-rank branch)", fontsize=9)
-    return save_figure(fig, out_dir, "bits_per_layer.png")
+    return save_figure(fig, out_dir, "bits_per_layer.png", overwrite=overwrite)

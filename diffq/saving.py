@@ -12,6 +12,11 @@
   no partial folder behind.
 
 Which folders a diffq checkpoint contains is recorded in :data:`MARKER` inside it.
+
+Single files (images, plans, statistics, sensitivity analyses, reports, plots) go through
+:func:`write_file`: a temporary file beside the target renamed over it, an existing folder never
+replaced, and an existing file replaced only with ``overwrite=True`` or when the writer recognises
+it as an earlier file of its own kind (a sensitivity analysis it resumes, a PNG diffq drew).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from diffq.errors import DiffQError
 
@@ -36,6 +42,108 @@ class OverwriteRefusedError(DiffQError, FileExistsError):
 
 class SaveError(DiffQError, OSError):
     """The disk refused a save (full, read-only, no permission); nothing partial was left."""
+
+
+_SOFTWARE = "diffq"
+"""The PNG ``Software`` text diffq writes into the images and charts it makes (see :func:`png_is_ours`)."""
+
+
+def png_is_ours(path: Path) -> bool:
+    """Whether ``path`` is a PNG diffq wrote (its ``Software`` text chunk says so)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.format == "PNG" and str(image.info.get("Software", "")).startswith(_SOFTWARE)
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+def png_info() -> Any:
+    """PNG text chunks that mark an image as diffq's (``pnginfo=`` of ``PIL.Image.save``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", _SOFTWARE)
+    return info
+
+
+def json_has_keys(*keys: str) -> Callable[[Path], bool]:
+    """A ``replaceable`` test for :func:`write_file`: a JSON object with all of ``keys``."""
+
+    def test(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(data, dict) and all(key in data for key in keys)
+
+    return test
+
+
+def _describe(err: OSError) -> str:
+    return {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EDQUOT: "the disk quota is exceeded"}.get(err.errno, err.strerror or str(err))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_file_target(
+    target: str | os.PathLike, *, overwrite: bool = False, replaceable: Callable[[Path], bool] | None = None
+) -> None:
+    """Raise :class:`OverwriteRefusedError` if :func:`write_file` would refuse ``target``."""
+    target = Path(target).expanduser()
+    if target.is_dir():
+        raise OverwriteRefusedError(f"{target} is a folder; diffq replaces only a file with a file. Give a "
+                                    "file path.")
+    if target.exists() and not overwrite and not (replaceable is not None and replaceable(target)):
+        raise OverwriteRefusedError(
+            f"{target} is an existing file that diffq did not write; it was left as it is. Write to another "
+            "path, or pass overwrite=True (--overwrite) to replace it."
+        )
+
+
+def write_file(
+    target: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Write one file at ``target`` by calling ``write(temporary_path)``, then renaming it into place.
+
+    An existing folder at ``target`` is refused; an existing file is refused unless ``overwrite``
+    or ``replaceable(target)`` (an earlier file of the writer's own kind). A failing disk raises
+    :class:`SaveError` and leaves the earlier file (or nothing) in place.
+    """
+    target = Path(target).expanduser()
+    check_file_target(target, overwrite=overwrite, replaceable=replaceable)
+    temporary = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        temporary = Path(name)
+        write(temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(temporary, target)
+        temporary = None
+    except OSError as err:
+        if isinstance(err, DiffQError):
+            raise
+        raise SaveError(f"could not write {target}: {_describe(err)}. It was left as it was; free space or "
+                        "choose a writable folder and try again.") from err
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+    return target
 
 
 def written_files(folder: Path) -> set[str] | None:
@@ -159,9 +267,7 @@ def write_folder(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         recover(target)
-        what = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                errno.EDQUOT: "the disk quota is exceeded"}.get(err.errno, err.strerror or str(err))
+        what = _describe(err)
         raise SaveError(
             f"could not save to {target}: {what}. Nothing partial was left behind"
             f"{' and the earlier checkpoint is unchanged' if target.exists() else ''}; free space or "

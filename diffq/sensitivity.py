@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Literal
 
 from diffq.errors import CheckpointError, QuantizationInputError
 from diffq.plan import LayerConfig
+from diffq.saving import json_has_keys, write_file
 
 LayerGroup = Literal["content", "quality"]
 SensitivityMetric = Literal["decoupled", "image"]
@@ -93,6 +93,10 @@ def check_metric(metric: str) -> str:
     return metric
 
 
+is_sensitivity_file = json_has_keys("version", "fingerprint", "scores")
+"""Whether a path holds a sensitivity analysis diffq wrote (one a rerun resumes from or replaces)."""
+
+
 @dataclass
 class Sensitivity:
     """``scores[layer][candidate label]``: with ``metric="decoupled"``, SSIM (content layers) or SQNR
@@ -127,14 +131,12 @@ class Sensitivity:
                 merged.scores.setdefault(name, {}).update(scores)
         return merged
 
-    def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"version": SENSITIVITY_VERSION, **asdict(self)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the analysis as JSON, atomically; an earlier analysis at ``path`` is replaced, any
+        other file only with ``overwrite=True``."""
+        text = json.dumps({"version": SENSITIVITY_VERSION, **asdict(self)}, indent=1, sort_keys=True)
+        write_file(path, lambda temporary: temporary.write_text(text), overwrite=overwrite,
+                   replaceable=is_sensitivity_file)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Sensitivity:

@@ -3,7 +3,9 @@
 For each preset the model is loaded fresh (``diffq.load``), quantized unless the preset is ``fp``,
 and run over the prompts with one seed per image (``seed + global index``). Under
 ``accelerate launch`` each process generates its share of the batches; the main process gathers the
-images, computes the metrics and writes ``report.json``, ``report.md`` and ``grid.png``.
+images, computes the metrics and writes ``report.json``, ``report.md`` and ``grid.png``. Each
+preset's images are kept in ``OUT/images/`` as they are made (:mod:`.store`): rerun the same
+command after an interruption and it continues where it stopped.
 
     python -m diffq.metrics.evaluate digits-sd --presets fp,w8a8,w4a8 --num-images 64 --out runs/eval
     accelerate launch --num_processes 2 -m diffq.metrics.evaluate digits-sd --out runs/eval   # 2 GPUs
@@ -26,6 +28,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +39,8 @@ from diffq.metrics.errors import EvaluationInputError
 from diffq.metrics.generation import generate_images, shard_batches
 from diffq.metrics.prompts import resolve_prompts
 from diffq.metrics.scoring import FID_REFERENCE_SPLIT, Scorers
+from diffq.metrics.store import ImageStore, is_eval_folder
+from diffq.saving import check_target
 
 FP = "fp"
 DEFAULT_PRESETS = "fp,w8a8,w4a8"
@@ -165,6 +170,7 @@ def evaluate(
     device: str | torch.device | None = None,
     methods: Mapping[str, Method] | None = None,
     fid_bootstrap: int = DEFAULT_FID_BOOTSTRAP,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``presets`` of ``model`` on ``num_images`` prompts; returns the report dict.
 
@@ -181,6 +187,11 @@ def evaluate(
     ``difference``, its 5th-95th percentile interval ``low``/``high``, and ``a_lower``, the share of
     resamples where the first has the lower FID). Presets share prompts and seeds, so the pairing
     removes most of the sampling noise their FIDs have in common; the real set stays fixed.
+
+    With ``out_dir``, each preset's images are kept there as they are made (:mod:`.store`), and a
+    rerun with the same settings continues where an interrupted one stopped and writes the same
+    report. ``out_dir`` must be new, empty or an earlier evaluation's folder; another folder with
+    files is refused unless ``overwrite=True`` (then only the report's files are replaced in it).
 
     ``methods`` adds other quantizers, scored like the presets and listed after them: each is
     called with a freshly loaded pipeline, quantizes it in place and returns its denoiser's weight
@@ -215,6 +226,9 @@ def evaluate(
     if steps is not None:
         kwargs["num_inference_steps"] = steps
 
+    if out_dir is not None:
+        check_target(Path(out_dir), overwrite=overwrite, is_checkpoint=is_eval_folder)  # before any work
+
     state = process_state()
     device = torch.device(device) if device is not None else state.device
     main = state.is_main_process
@@ -238,20 +252,30 @@ def evaluate(
     images: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     for preset in run_order + list(extra):
-        with _loading_bars(progress and main):
-            pipe = factory(model)
-        if device.type != "cpu":
-            pipe.to(device)
+        store = None
+        if out_dir is not None and preset not in extra:  # another library's method is not identified by its name
+            store = ImageStore(out_dir, preset, _image_settings(model, preset, seed, batch_size, kwargs, device))
+        weight_bytes = store.weight_bytes() if store is not None else None
+        pipe = None
+        if store is None or weight_bytes is None or store.missing(shard, prompt_list):
+            with _loading_bars(progress and main):
+                pipe = factory(model)
+            if device.type != "cpu":
+                pipe.to(device)
         error, measured = None, None
         try:
-            if preset in extra:
-                measured = extra[preset](pipe)
-            elif preset != FP:
-                name, options = preset_spec(preset)
-                diffq.quantize(pipe, name, progress=progress and main, **options)
-            weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)) if measured is None else measured)
+            if pipe is not None:
+                if preset in extra:
+                    measured = extra[preset](pipe)
+                elif preset != FP:
+                    name, options = preset_spec(preset)
+                    diffq.quantize(pipe, name, progress=progress and main, **options)
+                weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)) if measured is None else measured)
+                if store is not None:
+                    store.record_weight_bytes(weight_bytes)
             local, seconds = generate_images(
-                pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main, desc=preset
+                pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main, desc=preset,
+                store=store,
             )
         except Exception as err:
             if preset not in extra:
@@ -302,6 +326,24 @@ def evaluate(
 _METRICS = ("fid", "fid_std", "alignment", "clip_score", "psnr_vs_fp", "ssim_vs_fp")
 
 
+def _image_settings(model: str, preset: str, seed: int, batch_size: int, call_kwargs: dict[str, Any],
+                    device: torch.device) -> dict[str, Any]:
+    """What a preset's generated images depend on: stored images are reused only when all of it matches."""
+    import diffq
+
+    local = Path(model).expanduser()
+    return {
+        "model": str(local.resolve()) if local.is_dir() else model,
+        "preset": preset,
+        "seed": seed,
+        "batch_size": batch_size,
+        "call_kwargs": call_kwargs,
+        "device": device.type,
+        "diffq": diffq.__version__,
+        "torch": torch.__version__,
+    }
+
+
 def _notes(num_real: int, size: tuple[int, ...], seed: int, num_processes: int) -> list[str]:
     """What the numbers in ``report.md`` mean."""
     return [
@@ -330,7 +372,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated presets; 'fp' is full precision (default: {DEFAULT_PRESETS})",
     )
     parser.add_argument("--num-images", type=int, default=64, help="images per preset (default: 64)")
-    parser.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    parser.add_argument(
+        "--out",
+        default="runs/eval",
+        help="output folder (default: runs/eval); each preset's images are kept in OUT/images/ as they are made, "
+        "so a rerun of the same command resumes where an interrupted one stopped (as diffq sensitivity does)",
+    )
     parser.add_argument(
         "--prompts",
         default=None,
@@ -364,6 +411,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"resample the images N times for FID's spread and paired differences; 0 = off (default: {DEFAULT_FID_BOOTSTRAP})",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds other files (only report.json, report.md, grid.png and "
+        "images/ are written there)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -383,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
             clip_model=args.clip_model,
             clip_weights=args.clip_weights,
             fid_bootstrap=args.fid_bootstrap,
+            overwrite=args.overwrite,
         )
     except DiffQError as err:
         print(f"diffq eval: error: {err}", file=sys.stderr)

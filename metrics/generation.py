@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffq.metrics.images import as_image_batch, batches
+from diffq.metrics.store import ImageStore
 
 
 def shard_batches(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
@@ -45,10 +46,13 @@ def generate_images(
     call_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     desc: str = "generating",
+    store: ImageStore | None = None,
 ) -> tuple[dict[int, torch.Tensor], float]:
     """Generate the images of ``shard``: ``({global index: [C, H, W] float CPU image}, seconds)``.
 
-    ``seconds`` is the wall time of the pipeline calls (with CUDA synchronised).
+    ``seconds`` is the wall time of the pipeline calls (with CUDA synchronised). With a ``store``,
+    batches it holds are read back instead of generated and each new batch is kept in it as soon
+    as it is made; ``pipe`` may then be ``None`` when every batch is stored.
     """
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -58,6 +62,15 @@ def generate_images(
     total = sum(len(r) for r in shard)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
         for idx in shard:
+            stored = store.load(idx, prompts) if store is not None else None
+            if stored is not None:
+                for i, image in zip(idx, stored[0], strict=True):
+                    out[i] = image
+                seconds += stored[1]
+                bar.update(len(idx))
+                continue
+            if pipe is None:
+                raise RuntimeError(f"images {idx.start}-{idx.stop - 1} are neither stored nor can be generated")
             kwargs = _accepted(
                 pipe.__call__,
                 {
@@ -71,12 +84,15 @@ def generate_images(
                 result = pipe(**kwargs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            seconds += elapsed
             images = getattr(result, "images", result[0] if isinstance(result, tuple) else result)
             batch = as_image_batch(images)
             if batch.shape[0] != len(idx):
                 raise RuntimeError(f"pipeline returned {batch.shape[0]} images for {len(idx)} prompts")
             for i, image in zip(idx, batch, strict=True):
                 out[i] = image.clone()
+            if store is not None:
+                store.save(idx, torch.stack([out[i] for i in idx]).float().cpu(), prompts, elapsed)
             bar.update(len(idx))
     return out, seconds

@@ -6,40 +6,21 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffq.metrics.images import resize, to_rgb
+from diffq.saving import png_info, write_file
 
 GRID_CELL = 64
 """Grid cells are at least this many pixels on a side (small digits are upscaled, nearest)."""
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Replace ``path`` with ``data`` atomically (:func:`diffq.saving.write_file`; for files diffq owns)."""
+    write_file(path, lambda temporary: temporary.write_bytes(data), overwrite=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -146,5 +127,5 @@ def write_report(
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "report.md", render_markdown(report, notes))
     buf = io.BytesIO()
-    make_grid(grid_rows).save(buf, format="PNG")
+    make_grid(grid_rows).save(buf, format="PNG", pnginfo=png_info())
     atomic_write_bytes(out / "grid.png", buf.getvalue())

@@ -34,7 +34,8 @@ from diffq.pipelines.calibrate import conditioning, default_call_kwargs
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.plan import QuantPlan
 from diffq.planning import CalibrationOptions, plan_candidate
-from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric
+from diffq.saving import check_file_target
+from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric, is_sensitivity_file
 
 MAX_SQNR_DB = 200.0  # a layer whose error is exactly zero
 # Bumped when diffq changes how a candidate is quantized, so analyses cached before are measured again
@@ -151,10 +152,13 @@ def measure_sensitivity(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     metric: SensitivityMetric = "decoupled",
+    overwrite: bool = False,
     **call_kwargs: Any,
 ) -> Sensitivity:
     """Score every (layer, candidate) of ``layers`` in this shard; resumes from ``cache``."""
     check_metric(metric)
+    if cache is not None:
+        check_file_target(cache, overwrite=overwrite, replaceable=is_sensitivity_file)  # before any work
     if not prompts:
         raise QuantizationInputError("sensitivity analysis needs at least one prompt.")
     index, count = shard
@@ -169,7 +173,7 @@ def measure_sensitivity(
     names = sorted(layers)
     key = fingerprint(pipe, names, candidates, prompts, num_inference_steps, seed, call_kwargs, options, metric)
     result = Sensitivity(key, metric=metric)
-    if cache is not None and Path(cache).exists():
+    if cache is not None and is_sensitivity_file(Path(cache)):
         cached = Sensitivity.load(cache)
         if cached.fingerprint == key and cached.metric == metric:
             result = cached
@@ -208,7 +212,7 @@ def measure_sensitivity(
                 result.scores.setdefault(name, {})[candidate.label] = score
                 bar.update(1)
             if cache is not None:
-                result.save(cache)
+                result.save(cache, overwrite=overwrite)
         bar.close()
     finally:
         pipe._progress_bar_config = saved_bar

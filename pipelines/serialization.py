@@ -14,7 +14,7 @@ import contextvars
 import json
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +113,19 @@ def save_with_policy(obj: Any, save: Callable[..., Any], directory: str | os.Pat
     return result
 
 
-def save_quantized(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> Path:
-    """Write ``pipe`` (quantized or not) to ``directory`` under :mod:`diffq.saving`'s policy; returns the folder."""
-    save_with_policy(pipe, pipe.save_pretrained, directory, overwrite=overwrite, safe_serialization=True, **kwargs)
+def save_quantized(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False,
+                   extra_files: Mapping[str, str | bytes] | None = None, **kwargs: Any) -> Path:
+    """Write ``pipe`` (quantized or not) to ``directory`` under :mod:`diffq.saving`'s policy; returns the folder.
+
+    ``extra_files`` (name -> text or bytes) are written into the checkpoint with it, in the same swap."""
+
+    def save(folder: str | os.PathLike, **options: Any) -> Any:
+        result = pipe.save_pretrained(folder, **options)
+        for name, content in (extra_files or {}).items():
+            (Path(folder) / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        return result
+
+    save_with_policy(pipe, save, directory, overwrite=overwrite, safe_serialization=True, **kwargs)
     return Path(directory).expanduser().resolve()
 
 

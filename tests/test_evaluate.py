@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from diffq.errors import DiffQError, ModelLoadError, UnknownPresetError
 from diffq.metrics.errors import EvaluationInputError
 from diffq.metrics.evaluate import configure_parser, evaluate, main
 from diffq.metrics.generation import generate_images
+from diffq.metrics.store import ImageStore
 
 REPORT_KEYS = {"model", "num_images", "feature_extractor", "fid_bootstrap", "results", "fid_differences"}
 RESULT_KEYS = {"fid", "fid_std", "alignment", "clip_score", "psnr_vs_fp", "ssim_vs_fp", "weight_bytes", "seconds"}
@@ -166,7 +168,7 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     assert fp["psnr_vs_fp"] is None and fp["ssim_vs_fp"] is None
     assert q["psnr_vs_fp"] > 20 and q["weight_bytes"] < fp["weight_bytes"]
     assert json.loads((tmp_path / "one" / "report.json").read_text()) == one
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["grid.png", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["grid.png", "images", "report.json", "report.md"]
 
     script = tmp_path / "two_process_eval.py"
     script.write_text(
@@ -278,3 +280,69 @@ def test_methods_are_scored_beside_the_presets(tmp_path):
 def test_bad_methods_are_rejected_early(methods, match):
     with pytest.raises(EvaluationInputError, match=match):
         evaluate("tiny-sd", ["w8a16"], 2, prompts=PROMPTS, pipeline_factory=_never, methods=methods)
+
+
+def _without_seconds(report: dict) -> dict:
+    return {**report, "results": {p: {k: v for k, v in row.items() if k != "seconds"}
+                                  for p, row in report["results"].items()}}
+
+
+def _batch_files(out: Path) -> list[Path]:
+    return sorted((out / "images").glob("*/*.safetensors"))
+
+
+@pytest.mark.parametrize("kill_after", [2, 6])  # batch files written: inside fp's run, inside w8a16's
+def test_an_interrupted_eval_resumes_and_gives_the_same_report(tmp_path, monkeypatch, kill_after):
+    """Kill a running `evaluate` (SIGKILL, a subprocess) once it has kept some batches; the rerun
+    generates only what is missing and writes the report an uninterrupted run writes."""
+    out = tmp_path / "resumed"
+    script = tmp_path / "slow_eval.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_evaluate import tiny_eval, tiny_factory\n"
+        "def slow(name):\n"
+        "    pipe = tiny_factory(name)\n"
+        "    pipe.unet.register_forward_pre_hook(lambda *_: time.sleep(0.1))\n"
+        "    return pipe\n"
+        "tiny_eval(sys.argv[1], ['fp', 'w8a16'], 8, pipeline_factory=slow)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(_batch_files(out)) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the evaluation ended before it could be interrupted"
+        proc.kill()
+    finally:
+        proc.wait()
+    kept = len(_batch_files(out))
+    assert kept >= kill_after and not (out / "report.json").exists()
+
+    generated = []
+    save = ImageStore.save
+    monkeypatch.setattr(ImageStore, "save", lambda self, batch, *a: (generated.append(batch), save(self, batch, *a)))
+    resumed = tiny_eval(str(out), ["fp", "w8a16"], 8)
+    assert len(generated) == 8 - kept  # only the batches the killed run had not kept
+    uninterrupted = tiny_eval(str(tmp_path / "whole"), ["fp", "w8a16"], 8)
+    assert _without_seconds(resumed) == _without_seconds(uninterrupted)
+    assert len(_batch_files(out)) == 8
+
+    again = tiny_eval(str(out), ["fp", "w8a16"], 8, pipeline_factory=_never)  # all stored: no model is built
+    assert again == resumed
+
+
+def test_eval_refuses_a_folder_of_other_files(tmp_path):
+    (tmp_path / "notes.md").write_text("mine")
+    with pytest.raises(DiffQError, match="did not write"):
+        tiny_eval(str(tmp_path), ["fp"], 2, pipeline_factory=_never)
+    report = tiny_eval(str(tmp_path), ["fp"], 2, overwrite=True)
+    assert (tmp_path / "notes.md").read_text() == "mine" and report["num_images"] == 2
+    tiny_eval(str(tmp_path), ["fp"], 2)  # now an evaluation folder: reruns need no --overwrite
+
+
+def test_changed_settings_never_reuse_stored_images(tmp_path):
+    first = tiny_eval(str(tmp_path), ["fp"], 2)
+    other_seed = tiny_eval(str(tmp_path), ["fp"], 2, seed=5)
+    assert other_seed["results"]["fp"]["fid"] != first["results"]["fp"]["fid"]
+    assert len(list((tmp_path / "images").iterdir())) == 2  # one folder per setting, neither overwritten
