@@ -619,9 +619,11 @@ def build_app(model: str | None = None, models: DemoModels | None = None):
                                              elem_id="plan-table")
 
         inputs = [model_box, preset_box, prompt_box, seed_box, steps_box, temporal_box]
-        generate_button.click(on_generate, inputs, [full_image, quant_image, metrics, status])
-        prompt_box.submit(on_generate, inputs, [full_image, quant_image, metrics, status])
-        plan_button.click(on_plan, [model_box, preset_box, temporal_box], [bits_chart, ranges_chart, plan_table, plan_status])
+        # The HTTP API (gradio_api/call/generate, .../plan) takes the same inputs as the page.
+        generate_button.click(on_generate, inputs, [full_image, quant_image, metrics, status], api_name="generate")
+        prompt_box.submit(on_generate, inputs, [full_image, quant_image, metrics, status], api_name=False)
+        plan_button.click(on_plan, [model_box, preset_box, temporal_box], [bits_chart, ranges_chart, plan_table, plan_status],
+                          api_name="plan")
         model_box.change(on_model_change, [model_box], [steps_box])
     return demo
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from diffq.pipelines.serialization import (
     quantized_component,
     save_quantized,
 )
-from diffq.plan import QuantPlan
+from diffq.plan import LayerConfig, QuantPlan
 from diffq.planning import PlanInputs
 from diffq.presets import (
     Recipe,
@@ -41,6 +42,7 @@ from diffq.presets import (
     with_temporal_layers,
 )
 from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric, default_candidates
+from diffq.validation import finite_number, mapping, of_type, path_like, whole_number
 
 GENERIC = Adapter(
     name="generic",
@@ -68,7 +70,7 @@ def _adapter(model: nn.Module, bare: bool) -> Adapter:
 
 def load(name_or_path: str | os.PathLike, **kwargs: Any):
     """Load a pipeline: a bundled name (``digits-sd``), a local folder (float or diffq-quantized) or a Hub id."""
-    location, is_local = resolve_model(name_or_path)
+    location, is_local = resolve_model(path_like(name_or_path, "the model to load"))
     if is_local:
         from pathlib import Path
 
@@ -84,7 +86,12 @@ def save(pipe: Any, directory: str | os.PathLike, *, overwrite: bool = False) ->
     in it are kept). An existing file or a folder with other contents is refused unless
     ``overwrite=True``; the folder the pipeline was loaded from is refused always
     (:mod:`diffq.saving`)."""
-    return save_quantized(pipe, directory, overwrite=overwrite)
+    if not _is_pipeline(pipe):
+        raise UnsupportedTargetError(
+            f"diffq.save writes a pipeline; got a {type(pipe).__name__}. Save a bare quantized model with its "
+            "own save_pretrained (a diffusers model) or torch.save."
+        )
+    return save_quantized(pipe, path_like(directory, "the folder to save to"), overwrite=overwrite)
 
 
 def calibrate(
@@ -98,6 +105,9 @@ def calibrate(
     **call_kwargs: Any,
 ) -> CalibrationStats:
     """Run the float pipeline over prompts; per-layer, per-step activation statistics."""
+    whole_number(num_inference_steps, "num_inference_steps")
+    if guidance_scale is not None:
+        finite_number(guidance_scale, "guidance_scale", low=0)
     denoiser = denoiser_of(pipe)
     if layers is None:
         layers, _ = adapter_for(denoiser).layers(denoiser)
@@ -137,6 +147,9 @@ def allocate(
     ``overrides`` replace fields of a uniform preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
     ``temporal_bits`` adds the temporal modulation layers, weight-only (see :func:`quantize`).
     """
+    of_type(stats, "stats", CalibrationStats, "CalibrationStats from diffq.calibrate, or None", optional=True)
+    _check_plan_numbers(budget, content_share)
+    _check_overrides(overrides)
     temporal = temporal_config(temporal_bits) if temporal_bits is not None else None
     bare = not _is_pipeline(target)
     model = target if bare else denoiser_of(target)
@@ -183,10 +196,12 @@ def sensitivity(
     does); a file at ``cache`` that is not an analysis is refused unless ``overwrite=True``.
     """
     check_metric(metric)
+    whole_number(num_inference_steps, "num_inference_steps")
+    of_type(stats, "stats", CalibrationStats, "CalibrationStats from diffq.calibrate, or None", optional=True)
     denoiser = denoiser_of(pipe)
     layers, _ = adapter_for(denoiser).layers(denoiser)
     prompts = list(prompts) if prompts is not None else default_prompts(pipe)[:4]
-    candidates = list(candidates) if candidates is not None else default_candidates()
+    candidates = _candidates(candidates) if candidates is not None else default_candidates()
     if stats is None:
         stats = calibrate_pipeline(pipe, layers, prompts, num_inference_steps, progress=progress, **call_kwargs)
     if cache == "auto":
@@ -209,7 +224,11 @@ def cache_dir() -> Path:
 
 def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None, *, progress: bool = True) -> Any:
     """Swap the planned layers of a pipeline's denoiser (or of a module) for quantized ones, in place."""
+    of_type(plan, "plan", QuantPlan, "a QuantPlan (from diffq.allocate or QuantPlan.from_json)")
+    of_type(stats, "stats", CalibrationStats, "CalibrationStats from diffq.calibrate, or None", optional=True)
     model = denoiser_of(target) if _is_pipeline(target) else target
+    if not isinstance(model, nn.Module):
+        raise UnsupportedTargetError(f"cannot convert a {type(target).__name__}; pass a diffusers pipeline or an nn.Module.")
     convert_model(model, plan, stats, progress=progress)
     _finish_conversion(model, plan)
     return manage(target) if _is_pipeline(target) else target
@@ -318,16 +337,17 @@ def quantize(
     """
     recipe = get_preset(preset)
     check_metric(sensitivity_metric)
+    whole_number(num_calibration_steps, "num_calibration_steps")
+    _check_plan_numbers(budget, None)
+    load_kwargs = mapping(load_kwargs, "load_kwargs")
     overrides = {}
     if activations is not None:
         if activations not in ("dynamic", "static"):
             raise QuantizationInputError(f"activations={activations!r}; use 'dynamic' or 'static'.")
         overrides["a_mode"] = activations
     if rank is not None:
-        if not isinstance(rank, int) or rank < 0:
-            raise QuantizationInputError(f"rank={rank!r}; use 0 (no low-rank branch) or a positive integer such as 32.")
-        overrides["rank"] = rank
-    resolved = _resolve_target(target, model, dict(load_kwargs or {}))
+        overrides["rank"] = whole_number(rank, "rank (0: no low-rank branch; e.g. 32)", minimum=0)
+    resolved = _resolve_target(target, model, load_kwargs)
     is_pipe = _is_pipeline(resolved)
     denoiser = denoiser_of(resolved) if is_pipe else resolved
     from diffq.pipelines.serialization import plan_of
@@ -385,6 +405,37 @@ def quantize(
     for name in extra_components:
         quantize_weights_only(getattr(resolved, name), recipe, progress=progress)
     return manage(resolved) if is_pipe else resolved
+
+
+def _check_plan_numbers(budget: Any, content_share: Any) -> None:
+    if budget is not None:
+        finite_number(budget, "budget (average weight bits)", low=0)
+    if content_share is not None:
+        finite_number(content_share, "content_share", low=0, high=1)
+
+
+def _check_overrides(overrides: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclass_fields(LayerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise QuantizationInputError(
+            f"unknown layer setting(s) {', '.join(map(repr, unknown))}; allocate's extra keywords set LayerConfig "
+            f"fields: {', '.join(sorted(known))}."
+        )
+
+
+def _candidates(candidates: Any) -> list[Candidate]:
+    """A list of candidates; labels such as ``"w4a8"`` are parsed."""
+    if isinstance(candidates, (str, Candidate)) or not isinstance(candidates, Sequence) or not candidates:
+        raise QuantizationInputError(
+            f"candidates must be a non-empty list of Candidate or labels such as 'w4a8', got {candidates!r}."
+        )
+    out = []
+    for item in candidates:
+        if isinstance(item, str):
+            item = Candidate.parse(item)
+        out.append(of_type(item, "each candidate", Candidate, "a Candidate or a label such as 'w4a8'"))
+    return out
 
 
 def _is_float(model: nn.Module, name: str) -> bool:

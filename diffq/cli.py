@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,41 @@ OVERWRITE_FILE_HELP = (
 TEMPORAL_BITS_HELP = (
     "quantize the temporal modulation layers (AdaLN, time projections) weight-only too; by default they stay 16-bit"
 )
+
+
+def _whole(minimum: int):
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _finite(minimum: float | None = None):
+    """An argparse type: a finite number (of at least ``minimum``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number" + (f" >= {minimum:g}" if minimum is not None else ""))
+        return value
+
+    parse.__name__ = "finite number"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _whole(1), _whole(0)
 
 
 def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
@@ -135,7 +171,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     pipe = diffq.load(args.model)
     prompts = _read_prompts(args.prompts)
     call = {k: v for k, v in _call_kwargs(args.model, args).items() if k != "num_inference_steps"}
-    stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps or 8, progress=not args.no_progress, **call)
+    stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps, progress=not args.no_progress, **call)
     if args.out:
         stats.save(args.out, overwrite=args.overwrite)
         print(f"wrote {args.out} and {args.out}.json")
@@ -148,12 +184,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _read_prompts(path: str | None) -> list[str] | None:
+    from diffq.errors import QuantizationInputError
+
     if not path:
         return None
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise QuantizationInputError(f"cannot read the prompts file {path} ({err}); give a text file with one "
+                                     "prompt per line.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        from diffq.errors import QuantizationInputError
-
         raise QuantizationInputError(f"{path} holds no prompts; write one prompt per line.")
     return prompts
 
@@ -257,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing file or a folder with other contents at --out")
     q.add_argument("--prompts", help="calibration prompts, one per line")
-    q.add_argument("--calibration-steps", type=int, default=8)
+    q.add_argument("--calibration-steps", type=POSITIVE, default=8)
     q.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
     q.add_argument("--sensitivity-metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
@@ -269,11 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", default="image.png")
     g.add_argument("--preset", help="quantize on the fly with this preset first")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=POSITIVE)
+    g.add_argument("--guidance-scale", type=_finite(0))
+    g.add_argument("--height", type=POSITIVE)
+    g.add_argument("--width", type=POSITIVE)
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--overwrite", action="store_true", help=OVERWRITE_FILE_HELP)
     g.set_defaults(func=cmd_generate)
@@ -289,21 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", help="folder for activation_ranges.png (layers with the widest drift)")
     c.add_argument("--out", help="save the statistics (safetensors + .json)")
     c.add_argument("--prompts", help="calibration prompts, one per line")
-    c.add_argument("--steps", type=int, help="denoising steps per prompt (default 8)")
-    c.add_argument("--top", type=int, default=6, help="how many layers to plot")
-    c.add_argument("--guidance-scale", type=float)
-    c.add_argument("--height", type=int)
-    c.add_argument("--width", type=int)
+    c.add_argument("--steps", type=POSITIVE, default=8, help="denoising steps per prompt (default 8)")
+    c.add_argument("--top", type=POSITIVE, default=6, help="how many layers to plot")
+    c.add_argument("--guidance-scale", type=_finite(0))
+    c.add_argument("--height", type=POSITIVE)
+    c.add_argument("--width", type=POSITIVE)
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--overwrite", action="store_true", help=OVERWRITE_FILE_HELP)
     c.set_defaults(func=cmd_calibrate)
 
     def pipeline_call_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--steps", type=int, default=8, help="denoising steps per prompt (default 8)")
+        p.add_argument("--steps", type=POSITIVE, default=8, help="denoising steps per prompt (default 8)")
         p.add_argument("--prompts", help="prompts, one per line")
-        p.add_argument("--guidance-scale", type=float)
-        p.add_argument("--height", type=int)
-        p.add_argument("--width", type=int)
+        p.add_argument("--guidance-scale", type=_finite(0))
+        p.add_argument("--height", type=POSITIVE)
+        p.add_argument("--width", type=POSITIVE)
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--overwrite", action="store_true", help=OVERWRITE_FILE_HELP)
 
@@ -320,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("allocate", help="mixed precision: bits per layer under a budget, as a table and chart")
     a.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    a.add_argument("--budget", type=float, default=4.0, help="average weight bits (default 4)")
+    a.add_argument("--budget", type=_finite(0), default=4.0, help="average weight bits (default 4)")
     a.add_argument("--preset", help="a mixed preset such as w3.5a8 instead of --budget (activations fixed)")
     a.add_argument("--sensitivity", help="a sensitivity JSON from `diffq sensitivity` (else measured, cached)")
     a.add_argument("--plot", help="folder for bits_per_layer.png")
@@ -333,10 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the Gradio demo")
     d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--port", type=_whole(1), default=7860)
     d.add_argument("--share", action="store_true", help="a public Gradio link (off by default)")
     d.add_argument("--model", default=DEFAULT_MODEL, help="model pre-filled in the page")
-    d.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    d.add_argument("--threads", type=POSITIVE, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     d.set_defaults(func=cmd_demo)
     return parser
 

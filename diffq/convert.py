@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats, timestep_groups
-from diffq.errors import QuantizationInputError
+from diffq.errors import CheckpointError, QuantizationInputError
 from diffq.formats import largest_group_size
 from diffq.lowrank import split_low_rank
 from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_format
@@ -137,6 +137,18 @@ def _weight_clip(layer: nn.Module, config: LayerConfig, weight2d: torch.Tensor, 
 
 
 @torch.no_grad()
+def _check_layers_exist(model: nn.Module, plan: QuantPlan) -> None:
+    """Refuse a plan made for another model before any layer is swapped."""
+    names = dict(model.named_modules())
+    missing = [name for name in plan.layers if name not in names]
+    if missing:
+        raise QuantizationInputError(
+            f"the plan names {len(missing)} of its {len(plan.layers)} layers that this {type(model).__name__} does "
+            f"not have (e.g. {missing[0]!r}); it was made for another model. Allocate a plan for this one "
+            "(diffq.allocate)."
+        )
+
+
 def convert_model(
     model: nn.Module, plan: QuantPlan, stats: CalibrationStats | None = None, progress: bool = True
 ) -> nn.Module:
@@ -144,6 +156,7 @@ def convert_model(
 
     Layers with static activations, smoothing, MSE clipping or BOS handling read ``stats``.
     """
+    _check_layers_exist(model, plan)
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
         layer = model.get_submodule(name)
         _check_float(layer, repr(name))
@@ -176,8 +189,15 @@ def convert_model(
 
 def convert_structure(model: nn.Module, plan: QuantPlan) -> nn.Module:
     """Swap planned layers for *empty* quantized modules of the right shapes (for loading weights)."""
+    names = dict(model.named_modules())
+    missing = [name for name in plan.layers if name not in names]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint's plan names {len(missing)} layers its {type(model).__name__} does not have (e.g. "
+            f"{missing[0]!r}); the checkpoint does not match its model. Quantize and save it again."
+        )
     for name, config in plan.layers.items():
-        layer = model.get_submodule(name)
+        layer = names[name]
         dtype = layer.weight.dtype
         bias = layer.bias is not None
         if isinstance(layer, nn.Linear):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from diffq.errors import CheckpointError, QuantizationInputError
+from diffq.formats import SUPPORTED_BITS
 from diffq.plan import LayerConfig
 from diffq.saving import json_has_keys, write_file
 
@@ -56,8 +57,13 @@ class Candidate:
         match = re.fullmatch(r"w(\d+)a(\d+)(?:r(\d+))?", label)
         if not match:
             raise QuantizationInputError(f"bad candidate label {label!r}; expected e.g. 'w4a8' or 'w4a4r32'.")
-        a_bits = int(match[2])
-        return cls(int(match[1]), None if a_bits == 16 else a_bits, int(match[3] or 0))
+        w_bits, a_bits = int(match[1]), int(match[2])
+        if w_bits not in SUPPORTED_BITS or a_bits not in (4, 8, 16):
+            raise QuantizationInputError(
+                f"candidate {label!r}: weights take {', '.join(map(str, SUPPORTED_BITS))} bits and activations "
+                "4, 8 or 16; e.g. 'w4a8' or 'w4a4r32'."
+            )
+        return cls(w_bits, None if a_bits == 16 else a_bits, int(match[3] or 0))
 
 
 def candidate_config(candidate: Candidate) -> LayerConfig:

@@ -440,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except DiffQError as err:
         print(f"diffq eval: error: {err}", file=sys.stderr)
-        return 2
+        return 1
     state = process_state()
     if state.is_main_process:
         from diffq.metrics.report import render_markdown

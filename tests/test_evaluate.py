@@ -93,7 +93,7 @@ def test_unknown_model_folder_is_a_load_error(tmp_path):
 
 
 def test_cli_prints_errors_and_returns_nonzero(tmp_path, capsys):
-    assert main(["tiny-sd", "--num-images", "0", "--out", str(tmp_path)]) == 2
+    assert main(["tiny-sd", "--num-images", "0", "--out", str(tmp_path)]) == 1
     assert "diffq eval: error:" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
