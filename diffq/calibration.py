@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -212,9 +213,8 @@ class CalibrationStats:
         at ``path`` are replaced; any other existing file only with ``overwrite=True``."""
         path = Path(path)
         index_path = Path(f"{path}.json")
-        ours = json_has_keys("version", "layers")
-        for target in (path, index_path):  # refuse before writing either
-            check_file_target(target, overwrite=overwrite, replaceable=lambda _target: ours(index_path))
+        check_file_target(path, overwrite=overwrite, replaceable=is_stats_file)  # refuse before writing either
+        check_file_target(index_path, overwrite=overwrite, replaceable=json_has_keys("version", "layers"))
         tensors: dict[str, torch.Tensor] = {}
         index: dict[str, dict] = {}
         for li, (name, steps) in enumerate(self.layers.items()):
@@ -234,7 +234,7 @@ class CalibrationStats:
                 tensors[f"{li}.bos"] = self.bos[name].contiguous()
             index[name] = layer
         meta = {"version": STATS_VERSION, "layers": index}
-        write_file(path, lambda temporary: save_file(tensors, str(temporary)), overwrite=True)
+        write_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=STATS_METADATA), overwrite=True)
         write_file(index_path, lambda temporary: temporary.write_text(json.dumps(meta)), overwrite=True)
 
     @classmethod
@@ -266,6 +266,18 @@ class CalibrationStats:
             raise CheckpointError(f"calibration file missing: {err.filename}; run diffq.calibrate again.") from err
         except (KeyError, ValueError, OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"calibration statistics at {path} are corrupt ({err!r}); recalibrate.") from err
+
+
+STATS_METADATA = {"written_by": "diffq", "kind": "calibration-stats"}
+
+
+def is_stats_file(path: Path) -> bool:
+    """Whether ``path`` holds calibration statistics diffq wrote (its safetensors header says so)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("kind") == STATS_METADATA["kind"]
+    except (OSError, SafetensorError):  # missing, or not a safetensors file at all
+        return False
 
 
 class ActivationObserver:

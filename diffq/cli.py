@@ -162,10 +162,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.plot and not args.out:
         raise diffq.QuantizationInputError("say what to write: --plot DIR and/or --out STATS.safetensors.")
-    ours = json_has_keys("version", "layers")
     if args.out:  # refused before calibrating, not after
-        for target in (Path(args.out), Path(f"{args.out}.json")):
-            check_file_target(target, overwrite=args.overwrite, replaceable=lambda _t: ours(Path(f"{args.out}.json")))
+        from diffq.calibration import is_stats_file
+
+        check_file_target(Path(args.out), overwrite=args.overwrite, replaceable=is_stats_file)
+        check_file_target(Path(f"{args.out}.json"), overwrite=args.overwrite,
+                          replaceable=json_has_keys("version", "layers"))
     if args.plot:
         check_file_target(Path(args.plot) / "activation_ranges.png", overwrite=args.overwrite, replaceable=png_is_ours)
     pipe = diffq.load(args.model)

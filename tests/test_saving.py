@@ -176,3 +176,71 @@ def test_save_pretrained_of_a_quantized_pipeline_follows_the_policy(float_folder
     pipe.unet.save_pretrained(unet_folder)
     pipe.unet.save_pretrained(unet_folder)  # a model folder diffq wrote is replaced too
     assert (unet_folder / "config.json").is_file() and not list(tmp_path.glob(".unet-only.*"))
+
+
+def test_single_files_replace_their_own_kind_only(tmp_path):
+    """Plans, sensitivity analyses, statistics and charts: an earlier file diffq wrote is replaced, a
+    user's file of the same name is refused (nothing written) unless overwrite=True."""
+    from PIL import Image
+
+    from diffq.plots import plot_bits
+    from diffq.sensitivity import Sensitivity
+
+    pipe = tiny_sd_pipeline()
+    plan = diffq.allocate(pipe, None, preset="w8a8-rtn")
+    sens = Sensitivity("key", {"a": "quality"}, {"a": {"w8a8": 40.0}})
+    stats = diffq.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, height=32, width=32)
+    writers = {
+        "plan.json": lambda path, **kw: plan.save(path, **kw),
+        "sensitivity.json": lambda path, **kw: sens.save(path, **kw),
+        "stats.safetensors": lambda path, **kw: stats.save(path, **kw),
+        "charts/bits_per_layer.png": lambda path, **kw: plot_bits(plan, path.parent, **kw),
+    }
+    for name, write in writers.items():
+        path = tmp_path / name
+        write(path)
+        write(path)  # its own earlier file: replaced
+        path.unlink()
+        if path.suffix == ".png":
+            Image.new("RGB", (2, 2)).save(path)  # a user's image
+        else:
+            path.write_text("mine")
+        before = path.read_bytes()
+        with pytest.raises(OverwriteRefusedError, match="did not write"):
+            write(path)
+        assert path.read_bytes() == before, name
+        write(path, overwrite=True)
+        assert path.read_bytes() != before, name
+    assert Sensitivity.load(tmp_path / "sensitivity.json") == sens
+    assert diffq.QuantPlan.from_json((tmp_path / "plan.json").read_text()) == plan
+
+
+def test_a_failing_disk_leaves_an_earlier_file_whole(tmp_path, monkeypatch):
+    from diffq import saving
+
+    target = tmp_path / "plan.json"
+    plan = diffq.allocate(tiny_sd_pipeline(), None, preset="w8a8-rtn")
+    plan.save(target)
+    before = target.read_bytes()
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "simulated")
+
+    monkeypatch.setattr(saving.os, "replace", full_disk)
+    with pytest.raises(SaveError, match="the disk is full"):
+        plan.save(target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_cli_generate_replaces_its_own_image_and_refuses_others(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "digit.png"
+    argv = ["generate", "digits-sd", "--prompt", "a handwritten digit 3", "--steps", "2", "--out", str(out),
+            "--no-progress"]
+    assert cli_main(argv) == 0 and cli_main(argv) == 0  # the second run replaces its own image
+    Image.new("RGB", (2, 2)).save(out)
+    before = out.read_bytes()
+    assert cli_main(argv) == 1 and "did not write" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert cli_main([*argv, "--overwrite"]) == 0 and out.read_bytes() != before
