@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import diffq  # noqa: E402
+from diffq.metrics.fidelity import psnr, ssim  # noqa: E402
 from diffq.pipelines import adapter_for, denoiser_of  # noqa: E402
 from diffq.pipelines.call_defaults import call_defaults  # noqa: E402
 from diffq.pipelines.serialization import plan_of  # noqa: E402
@@ -170,25 +171,7 @@ def _as_batch(image: np.ndarray) -> torch.Tensor:
 def fidelity(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     """``(PSNR dB, SSIM)`` of an ``[H, W, C]`` image in [0, 1] against the reference image."""
     a, b = _as_batch(image), _as_batch(reference)
-    try:
-        from diffq.metrics.fidelity import psnr, ssim
-    except ImportError:
-        return _psnr_numpy(image, reference), _ssim_torchmetrics(a, b)
     return psnr(a, b), ssim(a, b)
-
-
-def _psnr_numpy(image: np.ndarray, reference: np.ndarray, cap: float = 100.0) -> float:
-    mse = float(np.mean((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) ** 2))
-    return cap if mse == 0 else min(cap, 10 * math.log10(1.0 / mse))
-
-
-def _ssim_torchmetrics(a: torch.Tensor, b: torch.Tensor) -> float:
-    from torchmetrics.functional import structural_similarity_index_measure
-
-    side = min(a.shape[-2:])
-    kernel = max(3, min(11, side if side % 2 else side - 1))
-    return float(structural_similarity_index_measure(a.double(), b.double(), data_range=1.0,
-                                                     kernel_size=kernel, sigma=1.5 * kernel / 11))
 
 
 def format_bytes(count: int) -> str:

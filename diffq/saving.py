@@ -222,6 +222,14 @@ def _keep_user_files(old: Path, staging: Path) -> None:
             shutil.copy2(path, destination)
 
 
+def _usual_modes(folder: Path) -> None:
+    """The modes a plain ``mkdir``/``open`` would give (mkdtemp makes 0700, safetensors 0600 files)."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -246,6 +254,7 @@ def write_folder(
         recover(target)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
         write(staging)
+        _usual_modes(staging)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         (staging / MARKER).write_text(json.dumps({"format": _FORMAT, "files": files}, indent=1))
         if target.is_dir() and is_checkpoint(target):

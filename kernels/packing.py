@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from diffq.errors import QuantizationInputError
-
 PACKABLE_BITS = (2, 3, 4, 8)
 
 
@@ -28,10 +26,10 @@ def packed_cols(cols: int, bits: int) -> int:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes ``[..., cols]`` into ``uint8`` ``[..., packed_cols(cols, bits)]``."""
     if bits not in PACKABLE_BITS:
-        raise QuantizationInputError(f"cannot pack {bits}-bit codes; use one of {PACKABLE_BITS}.")
+        raise ValueError(f"cannot pack {bits}-bit codes; use one of {PACKABLE_BITS}.")
     codes = codes.to(torch.uint8)
     if codes.numel() and int(codes.max()) >= 2**bits:
-        raise QuantizationInputError(f"codes exceed {bits} bits; quantize them before packing.")
+        raise ValueError(f"codes exceed {bits} bits; quantize them before packing.")
     if bits == 8:
         return codes.clone()
     if bits in (2, 4):  # whole codes per byte: shift and OR, without the bit-stream detour

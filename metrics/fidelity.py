@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 
+from diffq import scores
 from diffq.metrics.images import resize, to_rgb
-
-PSNR_CAP_DB = 100.0
-"""PSNR of identical images (infinite) is reported as this value, so reports stay valid JSON."""
+from diffq.scores import PSNR_CAP_DB
 
 _LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 _LPIPS_MIN_SIZE = 64
@@ -27,14 +26,9 @@ def _check_pair(images: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean per-image PSNR in dB (data range 1), capped at :data:`PSNR_CAP_DB`."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
+    """Mean per-image PSNR in dB (data range 1), capped at :data:`PSNR_CAP_DB` (:func:`diffq.scores.psnr`)."""
     _check_pair(images, reference)
-    per_image = peak_signal_noise_ratio(
-        images.double(), reference.double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
-    )
-    return float(per_image.clamp(max=PSNR_CAP_DB).mean())
+    return scores.psnr(images, reference, per_image=True)
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, *, batch_size: int = 64) -> float:
@@ -87,3 +81,6 @@ def lpips(images: torch.Tensor, reference: torch.Tensor, *, net: str = "alex") -
         size = (round(h * scale), round(w * scale))
         a, b = resize(a, size), resize(b, size)
     return float(learned_perceptual_image_patch_similarity(a, b, net_type=net, normalize=True))
+
+
+__all__ = ["PSNR_CAP_DB", "lpips", "lpips_weights_available", "psnr", "ssim"]

@@ -98,15 +98,16 @@ def register() -> None:
         return
     _register_diffusers()
     _register_transformers()
-    _let_flux_lora_loader_skip_expansion()
     _REGISTERED = True
 
 
-def _let_flux_lora_loader_skip_expansion() -> None:
+def let_flux_lora_loader_skip_expansion() -> None:
     """Flux's LoRA loader reads each target's float ``weight`` from ``state_dict()`` to see whether a
     Flux-Control LoRA needs wider inputs; diffq layers store no float weight. On a diffq-quantized
     transformer, check the shapes against the modules instead (expanding packed weights is not
-    possible, so such a LoRA is a clear error) and pass the LoRA through unchanged."""
+    possible, so such a LoRA is a clear error) and pass the LoRA through unchanged.
+
+    Installed (once) when a Flux transformer is quantized or loaded quantized, not on ``import diffq``."""
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
     from diffq.errors import QuantizationInputError

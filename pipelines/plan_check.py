@@ -30,17 +30,16 @@ from diffq.pipelines.sensitivity import final_images
 from diffq.plan import QuantPlan
 from diffq.planning import PlanInputs
 from diffq.presets import Recipe, uniform_alternative
+from diffq.scores import PSNR_CAP_DB, psnr
 from diffq.sensitivity import Sensitivity
 
-MAX_PSNR_DB = 100.0  # identical images
+MAX_PSNR_DB = PSNR_CAP_DB  # identical images
 
 
 def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR (dB) of ``images`` against ``reference``, both in [0, 1]: from the mean squared error."""
-    mse = float((images - reference).pow(2).mean())
-    if not math.isfinite(mse):  # a plan that produced NaN or inf images is the worst, not a perfect match
-        return -math.inf
-    return MAX_PSNR_DB if mse == 0 else min(MAX_PSNR_DB, 10 * math.log10(1 / mse))
+    """PSNR (dB) of ``images`` against ``reference``, both in [0, 1], from the pooled mean squared error;
+    a plan that produced NaN or inf images scores ``-inf`` (the worst, not a perfect match)."""
+    return psnr(images, reference)
 
 
 def compare_plans(

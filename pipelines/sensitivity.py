@@ -35,6 +35,7 @@ from diffq.pipelines.patching import install_timestep_hook
 from diffq.plan import QuantPlan
 from diffq.planning import CalibrationOptions, plan_candidate
 from diffq.saving import check_file_target
+from diffq.scores import psnr
 from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric, is_sensitivity_file
 
 MAX_SQNR_DB = 200.0  # a layer whose error is exactly zero
@@ -135,8 +136,7 @@ class _Reference:
 
     def psnr(self) -> float:
         """PSNR (dB) of the final images against the float ones (images in [0, 1])."""
-        error = float((self.generate() - self.images).pow(2).mean())
-        return MAX_SQNR_DB if error == 0 else min(MAX_SQNR_DB, -10 * math.log10(error))
+        return psnr(self.generate(), self.images, cap=MAX_SQNR_DB)
 
 
 def measure_sensitivity(

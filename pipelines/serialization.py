@@ -46,6 +46,10 @@ def attach_plan(model: nn.Module, plan: QuantPlan) -> None:
         model.config.quantization_config = entry
     if hasattr(type(model), "save_pretrained"):
         model.save_pretrained = types.MethodType(_model_save_pretrained, model)
+    if type(model).__name__ == "FluxTransformer2DModel":
+        from diffq.pipelines.backend import let_flux_lora_loader_skip_expansion
+
+        let_flux_lora_loader_skip_expansion()  # its LoRA loader would read float weights diffq does not keep
 
 
 def _model_save_pretrained(self: Any, save_directory: str | os.PathLike, *args: Any, overwrite: bool = False,

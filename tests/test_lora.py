@@ -62,3 +62,18 @@ def test_lora_on_quantized_pipeline_tracks_float_lora(build, pipeline_class, tmp
     pipe.set_adapters(["style"], adapter_weights=[0.5])
     half = run_tiny(pipe)
     assert psnr(half, base) > psnr(with_lora, base) and psnr(half, with_lora) > psnr(base, with_lora)
+
+
+def test_import_diffq_leaves_diffusers_lora_loader_alone():
+    """The Flux LoRA shim is installed when a Flux transformer is quantized, not on ``import diffq``."""
+    import subprocess
+    import sys
+
+    code = ("import diffq\n"
+            "from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin as M\n"
+            "assert not getattr(M._maybe_expand_lora_state_dict.__func__, '_diffq_shim', False)\n"
+            "from diffq.pipelines.testing import tiny_flux_pipeline\n"
+            "diffq.quantize(tiny_flux_pipeline(), 'w8a16-rtn', progress=False)\n"
+            "assert M._maybe_expand_lora_state_dict.__func__._diffq_shim\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from diffq.saving import write_folder
 
 from .classifier import DigitClassifier, save_classifier
 from .data import load_split, prompt_for, random_affine
@@ -43,26 +43,9 @@ def _log(msg: str) -> None:
 
 
 def write_atomically(final: Path, writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp_dir)`` then move ``tmp_dir`` into place as ``final`` (replacing it)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        writer(tmp)
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors create owner-only files
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Call ``writer(folder)`` and put the folder in place as ``final``, replacing an earlier one whole
+    (:func:`diffq.saving.write_folder`)."""
+    write_folder(final, writer, overwrite=True)
 
 
 # --------------------------------------------------------------------------------------------------
