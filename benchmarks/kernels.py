@@ -85,8 +85,8 @@ def layer(preset: Preset, K: int, N: int, rank: int, dtype: torch.dtype, device:
         smooth=(torch.rand(K, device=device) + 0.5).to(dtype) if preset.smooth else None,
     )
     if rank:
-        kw["lora_down"] = (torch.randn(K, rank, device=device) / K**0.5).to(dtype)
-        kw["lora_up"] = (torch.randn(rank, N, device=device) / rank**0.5).to(dtype)
+        kw["lowrank_down"] = (torch.randn(K, rank, device=device) / K**0.5).to(dtype)
+        kw["lowrank_up"] = (torch.randn(rank, N, device=device) / rank**0.5).to(dtype)
     return kw
 
 
@@ -105,7 +105,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def separate_lowrank(x: torch.Tensor, kw: dict) -> Callable[[], torch.Tensor]:
     """The low-rank branch as two matmuls and an add, on a precomputed output."""
-    down, up = kw["lora_down"], kw["lora_up"]
+    down, up = kw["lowrank_down"], kw["lowrank_up"]
     y = torch.empty(x.shape[0], up.shape[1], dtype=x.dtype, device=x.device)
     xs = x if kw["smooth"] is None else x / kw["smooth"]
     return lambda: y.add_((xs @ down) @ up)
@@ -159,7 +159,7 @@ def lowrank_rows(shapes, tokens: int, rank: int, dtype: torch.dtype, device: str
     for model, K, N in shapes:
         x = torch.randn(tokens, K, device=device).to(dtype)
         kw = layer(LOWRANK_PRESET, K, N, rank, dtype, device)
-        plain = {k: v for k, v in kw.items() if k not in ("lora_down", "lora_up")}
+        plain = {k: v for k, v in kw.items() if k not in ("lowrank_down", "lowrank_up")}
         without = timer(call(kernel, x, plain))
         fused = timer(call(kernel, x, kw))
         separate = without + timer(separate_lowrank(x, kw))  # the branch added outside the kernels

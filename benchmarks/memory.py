@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffq.convert import layer_columns, supports_branch
+from diffq.layers import layer_columns, supports_branch
 from diffq.modules import stored_tensors
 from diffq.plan import LayerConfig
 
@@ -228,7 +228,7 @@ def preset_configs(model: nn.Module, preset: str, text_bos: bool = True) -> dict
     """Per-layer configs of a uniform preset on ``model`` without calibration statistics: exact for
     ``-rtn`` presets, calibrated extras at their upper bound otherwise (see the module docstring).
     ``preset`` may carry ``:temporal_bits=N`` (the temporal modulation layers weight-only)."""
-    from diffq.convert import resolve_config
+    from diffq.layers import resolve_config
     from diffq.presets import get_preset, temporal_config
 
     name, temporal_bits = split_spec(preset)
@@ -253,8 +253,8 @@ def mixed_bound(model: nn.Module, preset: str, text_bos: bool = True, budget: fl
     (:func:`diffq.sensitivity.weight_bits_cost`); on top, each layer gets the largest scales and
     extras any of its candidates has, and one byte of row padding per row. ``budget`` replaces the
     preset's own (like ``diffq.quantize(..., budget=)``)."""
-    from diffq.convert import resolve_config
     from diffq.formats import packed_cols
+    from diffq.layers import resolve_config
     from diffq.presets import get_preset
     from diffq.sensitivity import candidate_config
 

@@ -15,8 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import ActivationObserver, CalibrationStats
-from diffq.convert import convert_model, resolve_config
+from diffq.convert import convert_model
 from diffq.errors import QuantizationInputError, UnsupportedTargetError
+from diffq.layers import resolve_config
 from diffq.modules import QUANTIZED_MODULES
 from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_name, denoiser_of
 from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -11,64 +10,17 @@ from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats, timestep_groups
 from diffq.errors import CheckpointError, QuantizationInputError
-from diffq.formats import largest_group_size
+from diffq.layers import conv_channel_weight, supports_branch
 from diffq.lowrank import split_low_rank
-from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_format
+from diffq.modules import QMODULES, QUANTIZED_MODULES, quantized_class, weight_format
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.ranges import search_activation_clip, search_weight_clip
 from diffq.smoothing import smoothing_vector
 
 
 def _check_float(layer: nn.Module, name: str = "this layer") -> None:
-    if isinstance(layer, (QuantizedLinear, QuantizedConv2d)):
+    if isinstance(layer, QUANTIZED_MODULES):
         raise QuantizationInputError(f"{name} is already quantized; load the float model to quantize it again.")
-
-
-def conv_channel_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """A convolution's weight as ``[out × kh × kw, in]``: one row per output channel and kernel tap,
-    so that per-input-channel statistics (smoothing) read it like a Linear weight."""
-    return conv.weight.detach().float().permute(0, 2, 3, 1).reshape(-1, conv.in_channels)
-
-
-def layer_columns(module: nn.Module) -> int:
-    """Length of a weight row: in_features, or in_channels/groups × kernel area."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, nn.Conv2d):
-        return module.weight[0].numel()
-    raise QuantizationInputError(f"cannot quantize a {type(module).__name__}; only Linear and Conv2d are supported.")
-
-
-def supports_branch(module: nn.Module) -> bool:
-    """Whether a layer can carry smoothing and a low-rank branch: Linear, or Conv2d with groups=1."""
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-
-
-def resolve_config(module: nn.Module, config: LayerConfig) -> LayerConfig:
-    """Fit a requested config to a layer: weight and activation group sizes that divide its rows
-    and input channels (or per channel / per token), and a low-rank branch no wider than the layer
-    and only where :func:`supports_branch`."""
-    cols = layer_columns(module)
-    if config.rank:
-        rank = min(config.rank, cols, module.weight.shape[0]) if supports_branch(module) else 0
-        config = replace(config, rank=rank)
-    if config.a_group_size is not None:
-        channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-        config = replace(config, a_group_size=largest_group_size(channels, config.a_group_size))
-    if config.w_group_size is None:
-        return config
-    size = largest_group_size(cols, config.w_group_size)
-    return replace(config, w_group_size=None if size == cols else size)
-
-
-def quantize_layer(module: nn.Module, config: LayerConfig) -> QuantizedLinear | QuantizedConv2d:
-    """The quantized twin of one Linear or Conv2d layer."""
-    _check_float(module)
-    if isinstance(module, nn.Linear):
-        return QuantizedLinear.from_float(module, config)
-    if isinstance(module, nn.Conv2d):
-        return QuantizedConv2d.from_float(module, config)
-    raise QuantizationInputError(f"cannot quantize a {type(module).__name__}; only Linear and Conv2d are supported.")
 
 
 def _activation_scales(
@@ -137,6 +89,16 @@ def _weight_clip(layer: nn.Module, config: LayerConfig, weight2d: torch.Tensor, 
 
 
 @torch.no_grad()
+def _quantized_class(layer: nn.Module, name: str, why: str = "keep it in 16-bit") -> type[nn.Module]:
+    found = quantized_class(layer)
+    if found is None:
+        supported = ", ".join(sorted(cls.__name__ for cls in QMODULES))
+        raise QuantizationInputError(
+            f"plan names {name!r}, a {type(layer).__name__}; diffq quantizes {supported} layers ({why})."
+        )
+    return found
+
+
 def _check_layers_exist(model: nn.Module, plan: QuantPlan) -> None:
     """Refuse a plan made for another model before any layer is swapped."""
     names = dict(model.named_modules())
@@ -166,22 +128,15 @@ def convert_model(
                 f"layer {name!r} needs calibration statistics (static activations, smoothing or BOS); "
                 "calibrate first, or use an -rtn preset with activations='dynamic'."
             )
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise QuantizationInputError(
-                f"cannot quantize a {type(layer).__name__}; only Linear and Conv2d are supported."
-            )
+        quantized_cls = _quantized_class(layer, name)
         rows = stats.sample(name) if stats is not None else None
         smooth, weight2d, lowrank, importance = _weight_to_quantize(name, layer, config, stats, rows)
         clip = _weight_clip(layer, config, weight2d, importance)
-        if isinstance(layer, nn.Linear):
-            bos = stats.bos.get(name) if config.bos else None
-            quantized = QuantizedLinear.from_float(layer, config, smooth, clip, bos, lowrank)
-            channels = layer.in_features
-        else:
-            quantized = QuantizedConv2d.from_float(layer, config, clip, smooth, lowrank)
-            channels = layer.in_channels
+        bos = stats.bos.get(name) if config.bos else None
+        quantized = quantized_cls.from_float(layer, config, smooth=smooth, clip_ratio=clip, bos_input=bos,
+                                             lowrank=lowrank)
         if config.static_activations:
-            table, bounds = _activation_scales(name, config, stats, smooth, channels)
+            table, bounds = _activation_scales(name, config, stats, smooth, quantized.input_channels)
             quantized.set_activation_scale(table, bounds)
         model.set_submodule(name, quantized)
     return model
@@ -197,20 +152,7 @@ def convert_structure(model: nn.Module, plan: QuantPlan) -> nn.Module:
             f"{missing[0]!r}); the checkpoint does not match its model. Quantize and save it again."
         )
     for name, config in plan.layers.items():
-        layer = names[name]
-        dtype = layer.weight.dtype
-        bias = layer.bias is not None
-        if isinstance(layer, nn.Linear):
-            empty = QuantizedLinear(layer.in_features, layer.out_features, config, bias, dtype)
-        elif isinstance(layer, nn.Conv2d):
-            empty = QuantizedConv2d(
-                layer.in_channels, layer.out_channels, layer.kernel_size, config, layer.stride,
-                layer.padding, layer.dilation, layer.groups, bias, dtype,
-            )
-        else:
-            raise QuantizationInputError(
-                f"plan names {name!r}, a {type(layer).__name__}, but only Linear and Conv2d can be quantized; "
-                "the checkpoint does not match this model."
-            )
+        empty = _quantized_class(names[name], name, "the checkpoint does not match this model").empty_like(
+            names[name], config)
         model.set_submodule(name, empty)
     return model

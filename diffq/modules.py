@@ -21,6 +21,32 @@ from diffq.formats import IntFormat, compute_scales, packed_cols, quantize
 from diffq.lowrank import split_low_rank
 from diffq.plan import LayerConfig
 
+QMODULES: dict[type[nn.Module], type[nn.Module]] = {}
+"""Float module class -> its quantized twin (see :func:`register_qmodule`)."""
+
+
+def register_qmodule(float_class: type[nn.Module]):
+    """Class decorator: the decorated quantized module replaces ``float_class`` (and its subclasses).
+
+    A quantized module provides ``from_float(module, config, *, smooth, clip_ratio, bos_input,
+    lowrank)``, ``empty_like(module, config)`` (the right shapes, for loading a checkpoint) and
+    ``input_channels``.
+    """
+
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        QMODULES[float_class] = cls
+        return cls
+
+    return register
+
+
+def quantized_class(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized twin registered for ``module``'s class (or the nearest base class), if any."""
+    for base in type(module).__mro__:
+        if base in QMODULES:
+            return QMODULES[base]
+    return None
+
 
 def weight_format(config: LayerConfig) -> IntFormat:
     """The integer format of a layer's weights."""
@@ -193,6 +219,7 @@ class _QuantizedWeightMixin(nn.Module):
         )
 
 
+@register_qmodule(nn.Linear)
 class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
     """``nn.Linear`` with packed integer weights and quantized activations.
 
@@ -218,10 +245,16 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         self.register_buffer("bos_output", torch.zeros(out_features, dtype=dtype, device=device) if config.bos else None)
 
     @classmethod
+    def empty_like(cls, linear: nn.Linear, config: LayerConfig) -> QuantizedLinear:
+        """An unfilled layer of ``linear``'s shapes (a checkpoint's tensors are loaded into it)."""
+        return cls(linear.in_features, linear.out_features, config, linear.bias is not None, linear.weight.dtype)
+
+    @classmethod
     def from_float(
         cls,
         linear: nn.Linear,
         config: LayerConfig,
+        *,
         smooth: torch.Tensor | None = None,
         clip_ratio: torch.Tensor | float = 1.0,
         bos_input: torch.Tensor | None = None,
@@ -253,6 +286,11 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
     def weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    @property
+    def input_channels(self) -> int:
+        """Channels of the input (what smoothing and activation scales are per)."""
+        return self.in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.current_act_scale()
         y = kernels.quantized_linear(
@@ -265,8 +303,8 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
             act_scale=None if scale is None else scale[0],
             act_group_size=self.config.a_group_size,
             smooth=self.smooth,
-            lora_down=self.lowrank_down,
-            lora_up=self.lowrank_up,
+            lowrank_down=self.lowrank_down,
+            lowrank_up=self.lowrank_up,
             **self._weight_kwargs(),
         )
         if self.bos_input is not None and x.dim() >= 3:
@@ -287,6 +325,7 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.label}, {self.config}"
 
 
+@register_qmodule(nn.Conv2d)
 class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
     """``nn.Conv2d`` with packed integer weights and quantized activations (an ``nn.Conv2d`` to
     libraries that wrap convolutions, without its float ``weight`` parameter)."""
@@ -320,12 +359,20 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         self._init_branch_buffers(in_channels, config, dtype, device)
 
     @classmethod
+    def empty_like(cls, conv: nn.Conv2d, config: LayerConfig) -> QuantizedConv2d:
+        """An unfilled layer of ``conv``'s shapes (a checkpoint's tensors are loaded into it)."""
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, config, conv.stride, conv.padding,
+                   conv.dilation, conv.groups, conv.bias is not None, conv.weight.dtype)
+
+    @classmethod
     def from_float(
         cls,
         conv: nn.Conv2d,
         config: LayerConfig,
-        clip_ratio: torch.Tensor | float = 1.0,
+        *,
         smooth: torch.Tensor | None = None,
+        clip_ratio: torch.Tensor | float = 1.0,
+        bos_input: torch.Tensor | None = None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantizedConv2d:
         """Quantize a float ``nn.Conv2d`` (zero padding only; its weights are read, not modified).
@@ -333,8 +380,11 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         ``smooth`` divides the input per channel and multiplies the weight's input channels
         (required when ``config.smooth_alpha`` is set); ``lowrank`` is ``(down [cols, r], up [r,
         out])`` of the smoothed ``[out, cols]`` weight (from an SVD when ``config.rank`` is set and
-        it is not given). As for :class:`QuantizedLinear`, only the residual is quantized.
+        it is not given). As for :class:`QuantizedLinear`, only the residual is quantized; a
+        convolution has no BOS handling (``bos_input`` must be ``None``).
         """
+        if bos_input is not None or config.bos:
+            raise QuantizationInputError("BOS handling is for linear layers of a text sequence, not convolutions.")
         if conv.padding_mode != "zeros":
             raise QuantizationInputError(
                 f"Conv2d with padding_mode={conv.padding_mode!r} is not supported; keep this layer in 16-bit."
@@ -362,6 +412,11 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
     def weight_shape(self) -> tuple[int, int, int, int]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
+    @property
+    def input_channels(self) -> int:
+        """Channels of the input (what smoothing and activation scales are per)."""
+        return self.in_channels
+
     def _kernel_geometry(self) -> dict:
         if self.config.a_bits is None:  # weight-only: dequantized in the stored order
             return {}
@@ -384,8 +439,8 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
             act_segments=(self.config.a_split,) if self.config.a_split else (),
             act_group_size=self.config.a_group_size,
             smooth=self.smooth,
-            lora_down=self.lowrank_down,
-            lora_up=self.lowrank_up,
+            lowrank_down=self.lowrank_down,
+            lowrank_up=self.lowrank_up,
             **self._weight_kwargs(),
         )
 
@@ -396,7 +451,8 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         )
 
 
-QUANTIZED_MODULES = (QuantizedLinear, QuantizedConv2d)
+QUANTIZED_MODULES = tuple(QMODULES.values())
+"""The quantized module classes (for ``isinstance`` checks)."""
 
 
 def stored_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -15,8 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats
-from diffq.convert import conv_channel_weight, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError
+from diffq.layers import conv_channel_weight, resolve_config, supports_branch
 from diffq.modules import weight_format
 from diffq.plan import ClipMethod, LayerConfig, QuantPlan
 from diffq.sensitivity import Candidate, candidate_config

@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.allocation import LayerShape, allocate_bits
-from diffq.convert import layer_columns, resolve_config, supports_branch
 from diffq.errors import QuantizationInputError, UnknownPresetError
+from diffq.layers import layer_columns, resolve_config, supports_branch
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.planning import CalibrationOptions, PlanInputs, calibrated_plan, plan_candidate
 from diffq.sensitivity import Candidate, Sensitivity, default_candidates

@@ -264,15 +264,15 @@ def quantized_linear(
     act_scale: torch.Tensor | None = None,
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`reference.quantized_linear` on integer GEMMs; ``codes`` is :func:`kernel_codes`
     of the weight (made here when not given). Unsupported calls run the reference."""
     kwargs = dict(w_bits=w_bits, w_code_offset=w_code_offset, in_features=in_features, bias=bias,
                   act_bits=act_bits, act_scale=act_scale, act_group_size=act_group_size, smooth=smooth,
-                  lora_down=lora_down, lora_up=lora_up)
+                  lowrank_down=lowrank_down, lowrank_up=lowrank_up)
     if linear_unsupported_reason(x, qweight, w_scale, w_zero, codes=codes, **kwargs) is not None:
         return reference.quantized_linear(x, qweight, w_scale, w_zero, **kwargs)
     if codes is None:  # not prepared by a module: made for this call
@@ -282,8 +282,8 @@ def quantized_linear(
     if smooth is not None:
         x2 = x2 / smooth.to(torch.float32)
     low_rank = None
-    if lora_down is not None and lora_up is not None:
-        low_rank = (x2 @ lora_down.to(torch.float32)) @ lora_up.to(torch.float32)
+    if lowrank_down is not None and lowrank_up is not None:
+        low_rank = (x2 @ lowrank_down.to(torch.float32)) @ lowrank_up.to(torch.float32)
     if act_bits is None:
         weight = _weight_from_codes(codes, w_scale).t()
         y = x2 @ weight if bias is None else torch.addmm(bias.to(torch.float32), x2, weight)
@@ -399,8 +399,8 @@ def quantized_conv2d(
     act_segments: tuple[int, ...] = (),
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`reference.quantized_conv2d` as an int8 im2col and integer GEMMs (weight-only: the
@@ -408,7 +408,7 @@ def quantized_conv2d(
     geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
     kwargs = dict(w_bits=w_bits, w_code_offset=w_code_offset, weight_shape=weight_shape, bias=bias,
                   act_bits=act_bits, act_scale=act_scale, act_segments=act_segments,
-                  act_group_size=act_group_size, smooth=smooth, lora_down=lora_down, lora_up=lora_up, **geometry)
+                  act_group_size=act_group_size, smooth=smooth, lowrank_down=lowrank_down, lowrank_up=lowrank_up, **geometry)
     cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
     if conv2d_unsupported_reason(x, qweight, w_scale, w_zero, codes=codes, **kwargs) is not None:
         return reference.quantized_conv2d(x, qweight, w_scale, w_zero, **kwargs)
@@ -419,9 +419,9 @@ def quantized_conv2d(
     if smooth is not None:
         x32 = x32 / smooth.to(torch.float32).reshape(1, -1, 1, 1)
     low_rank = None
-    if lora_down is not None and lora_up is not None:
-        down = lora_down.to(torch.float32).t().reshape(-1, *weight_shape[1:])
-        low_rank = torch.einsum("nrhw,ro->nohw", F.conv2d(x32, down, **geometry), lora_up.to(torch.float32))
+    if lowrank_down is not None and lowrank_up is not None:
+        down = lowrank_down.to(torch.float32).t().reshape(-1, *weight_shape[1:])
+        low_rank = torch.einsum("nrhw,ro->nohw", F.conv2d(x32, down, **geometry), lowrank_up.to(torch.float32))
     bias32 = None if bias is None else bias.to(torch.float32)
     if act_bits is None:
         weight = _weight_from_codes(codes, w_scale).reshape(weight_shape)

@@ -72,15 +72,15 @@ def _linear_op(
     act_scale: torch.Tensor | None,
     act_group_size: int | None,
     smooth: torch.Tensor | None,
-    lora_down: torch.Tensor | None,
-    lora_up: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
     codes: torch.Tensor | None,
 ) -> torch.Tensor:
     """The reference: what every device without a kernel of its own runs."""
     return reference.quantized_linear(
         x, qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset, in_features=in_features,
         bias=bias, act_bits=act_bits, act_scale=act_scale, act_group_size=act_group_size, smooth=smooth,
-        lora_down=lora_down, lora_up=lora_up,
+        lowrank_down=lowrank_down, lowrank_up=lowrank_up,
     )
 
 
@@ -92,25 +92,25 @@ def _linear_fake(x, qweight, *args) -> torch.Tensor:
 @_linear_op.register_kernel("cpu")
 def _linear_cpu(
     x, qweight, w_scale, w_zero, w_bits, w_code_offset, in_features, bias, act_bits, act_scale,
-    act_group_size, smooth, lora_down, lora_up, codes,
+    act_group_size, smooth, lowrank_down, lowrank_up, codes,
 ) -> torch.Tensor:
     kernel = reference.quantized_linear if reference_forced() else cpu.quantized_linear
     extra = {} if kernel is reference.quantized_linear else {"codes": codes}
     return kernel(
         x, qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset, in_features=in_features,
         bias=bias, act_bits=act_bits, act_scale=act_scale, act_group_size=act_group_size, smooth=smooth,
-        lora_down=lora_down, lora_up=lora_up, **extra,
+        lowrank_down=lowrank_down, lowrank_up=lowrank_up, **extra,
     )
 
 
 @_linear_op.register_kernel("cuda")
 def _linear_cuda(
     x, qweight, w_scale, w_zero, w_bits, w_code_offset, in_features, bias, act_bits, act_scale,
-    act_group_size, smooth, lora_down, lora_up, codes,
+    act_group_size, smooth, lowrank_down, lowrank_up, codes,
 ) -> torch.Tensor:
     kwargs = dict(w_bits=w_bits, w_code_offset=w_code_offset, in_features=in_features, bias=bias,
                   act_bits=act_bits, act_scale=act_scale, act_group_size=act_group_size, smooth=smooth,
-                  lora_down=lora_down, lora_up=lora_up)
+                  lowrank_down=lowrank_down, lowrank_up=lowrank_up)
     triton_linear = _triton_linear() if _triton_wanted() and not reference_forced() else None
     kernel = triton_linear or reference.quantized_linear
     return kernel(x, qweight, w_scale, w_zero, **kwargs)
@@ -151,28 +151,28 @@ def _conv2d_op(
     act_segments: list[int],
     act_group_size: int | None,
     smooth: torch.Tensor | None,
-    lora_down: torch.Tensor | None,
-    lora_up: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
     codes: torch.Tensor | None,
 ) -> torch.Tensor:
     """The reference: what every device without a kernel of its own runs."""
     return reference.quantized_conv2d(
         x, qweight, w_scale, w_zero, **_conv_kwargs(
             w_bits, w_code_offset, weight_shape, stride, padding, padding_str, dilation, groups, bias, act_bits,
-            act_scale, act_segments, act_group_size, smooth, lora_down, lora_up,
+            act_scale, act_segments, act_group_size, smooth, lowrank_down, lowrank_up,
         )
     )
 
 
 def _conv_kwargs(
     w_bits, w_code_offset, weight_shape, stride, padding, padding_str, dilation, groups, bias, act_bits, act_scale,
-    act_segments, act_group_size, smooth, lora_down, lora_up,
+    act_segments, act_group_size, smooth, lowrank_down, lowrank_up,
 ) -> dict:
     return dict(
         w_bits=w_bits, w_code_offset=w_code_offset, weight_shape=tuple(weight_shape), stride=tuple(stride),
         padding=_padding_of(padding, padding_str), dilation=tuple(dilation), groups=groups, bias=bias,
         act_bits=act_bits, act_scale=act_scale, act_segments=tuple(act_segments), act_group_size=act_group_size,
-        smooth=smooth, lora_down=lora_down, lora_up=lora_up,
+        smooth=smooth, lowrank_down=lowrank_down, lowrank_up=lowrank_up,
     )
 
 
@@ -216,8 +216,8 @@ def quantized_linear(
     act_scale: torch.Tensor | None = None,
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Linear layer with packed integer weights (``diffq::quantized_linear``); see
@@ -225,7 +225,7 @@ def quantized_linear(
     for the CPU kernel (optional; other devices ignore it)."""
     return _linear_op(
         x, qweight, w_scale, w_zero, w_bits, w_code_offset, in_features, bias, act_bits, act_scale,
-        act_group_size, smooth, lora_down, lora_up, codes,
+        act_group_size, smooth, lowrank_down, lowrank_up, codes,
     )
 
 
@@ -248,8 +248,8 @@ def quantized_conv2d(
     act_segments: tuple[int, ...] = (),
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Conv2d with packed integer weights (``diffq::quantized_conv2d``); see
@@ -258,7 +258,7 @@ def quantized_conv2d(
     return _conv2d_op(
         x, qweight, w_scale, w_zero, w_bits, w_code_offset, list(weight_shape), list(stride), list(numeric),
         padding if isinstance(padding, str) else None, list(dilation), groups, bias, act_bits, act_scale,
-        list(act_segments), act_group_size, smooth, lora_down, lora_up, codes,
+        list(act_segments), act_group_size, smooth, lowrank_down, lowrank_up, codes,
     )
 
 

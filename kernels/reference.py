@@ -83,8 +83,8 @@ def quantized_linear(
     act_scale: torch.Tensor | None = None,
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = Q(x / smooth) @ W^T + (x / smooth) @ L1 @ L2 + bias`` with packed integer ``W``."""
     shape = x.shape
@@ -92,8 +92,8 @@ def quantized_linear(
     if smooth is not None:
         x2 = x2 / smooth.to(torch.float32)
     low_rank = None
-    if lora_down is not None and lora_up is not None:
-        low_rank = (x2 @ lora_down.to(torch.float32)) @ lora_up.to(torch.float32)
+    if lowrank_down is not None and lowrank_up is not None:
+        low_rank = (x2 @ lowrank_down.to(torch.float32)) @ lowrank_up.to(torch.float32)
     if act_bits is not None:
         x2 = fake_quantize_activations(x2, act_bits, act_scale, act_group_size)
     weight = dequantize_weight(
@@ -142,8 +142,8 @@ def quantized_conv2d(
     act_segments: tuple[int, ...] = (),
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """2-D convolution with packed integer weights: ``conv(Q(x / smooth), W) + up(conv(x / smooth,
     down)) + bias``, the low-rank branch being a convolution to ``r`` channels then a 1×1 one.
@@ -151,8 +151,8 @@ def quantized_conv2d(
     Dynamic activation scales are per pixel (and ``act_group_size`` channels). ``act_segments``
     are channel indices where the input is split (a concatenation of two tensors); each part is
     quantized with its own scale (``act_scale[i]`` when static). ``smooth`` divides the input per
-    channel; ``lora_down`` is ``[in/groups × kh × kw, r]`` (the weight's column order) and
-    ``lora_up`` ``[r, out]``.
+    channel; ``lowrank_down`` is ``[in/groups × kh × kw, r]`` (the weight's column order) and
+    ``lowrank_up`` ``[r, out]``.
     """
     out_channels = weight_shape[0]
     cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
@@ -164,9 +164,9 @@ def quantized_conv2d(
     if smooth is not None:
         x32 = x32 / smooth.to(torch.float32).reshape(1, -1, 1, 1)
     low_rank = None
-    if lora_down is not None and lora_up is not None:
-        down = lora_down.to(torch.float32).t().reshape(-1, *weight_shape[1:])  # r filters of the weight's shape
-        low_rank = torch.einsum("nrhw,ro->nohw", F.conv2d(x32, down, **geometry), lora_up.to(torch.float32))
+    if lowrank_down is not None and lowrank_up is not None:
+        down = lowrank_down.to(torch.float32).t().reshape(-1, *weight_shape[1:])  # r filters of the weight's shape
+        low_rank = torch.einsum("nrhw,ro->nohw", F.conv2d(x32, down, **geometry), lowrank_up.to(torch.float32))
     if act_bits is not None:
         x32 = _fake_quantize_channels(x32, act_bits, act_scale, act_segments, act_group_size)
     y = F.conv2d(x32, weight, None if bias is None else bias.to(torch.float32), **geometry)

@@ -397,8 +397,8 @@ def unsupported_reason(
     act_scale: torch.Tensor | None = None,
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
 ) -> str | None:
     """Why this call goes to the reference instead of Triton (``None``: Triton runs it)."""
     K = in_features
@@ -435,10 +435,10 @@ def unsupported_reason(
     min_tile = 16 if act_bits is None else 32  # int8 tensor-core instructions take K = 32
     if seg != K and _pow2_divisor(seg) < min_tile:
         return f"scale groups of {seg} columns (Triton needs K tiles of at least {min_tile})"
-    if lora_down is not None and lora_up is not None:
-        if lora_down.dtype not in _FLOATS or lora_up.dtype not in _FLOATS:
+    if lowrank_down is not None and lowrank_up is not None:
+        if lowrank_down.dtype not in _FLOATS or lowrank_up.dtype not in _FLOATS:
             return "low-rank factors are not float16/bfloat16/float32"
-        if lora_down.shape[0] != K or lora_up.shape != (lora_down.shape[1], N) or lora_down.shape[1] > _MAX_RANK:
+        if lowrank_down.shape[0] != K or lowrank_up.shape != (lowrank_down.shape[1], N) or lowrank_down.shape[1] > _MAX_RANK:
             return f"low-rank factors are not [in, r] and [r, out] with r <= {_MAX_RANK}"
     return None
 
@@ -457,21 +457,21 @@ def quantized_linear_triton(
     act_scale: torch.Tensor | None = None,
     act_group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`reference.quantized_linear` on Triton kernels; unsupported calls run the reference."""
     kwargs = dict(w_bits=w_bits, w_code_offset=w_code_offset, in_features=in_features, bias=bias,
                   act_bits=act_bits, act_scale=act_scale, act_group_size=act_group_size, smooth=smooth,
-                  lora_down=lora_down, lora_up=lora_up)
+                  lowrank_down=lowrank_down, lowrank_up=lowrank_up)
     if unsupported_reason(x, qweight, w_scale, w_zero, **kwargs) is not None:
         return reference.quantized_linear(x, qweight, w_scale, w_zero, **kwargs)
     shape = x.shape
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if lora_down is None or lora_up is None or lora_down.shape[1] == 0:
-        lora_down = lora_up = None
+    if lowrank_down is None or lowrank_up is None or lowrank_down.shape[1] == 0:
+        lowrank_down = lowrank_up = None
     # The kernels index these along their last dimension with stride 1 (no-ops for module buffers).
     qweight = qweight.contiguous()
     smooth = None if smooth is None else smooth.contiguous()
@@ -479,12 +479,12 @@ def quantized_linear_triton(
     a_group = _activation_group(in_features, act_bits, act_scale, act_group_size)
     weights = (qweight, w_scale, w_zero, w_bits, w_code_offset)
     if act_bits is None:
-        t = None if lora_down is None else act_quant_lowrank(x2, None, smooth=smooth, lora_down=lora_down)[2]
-        y = weight_only_gemm(x2, *weights, smooth=smooth, t=t, lora_up=lora_up, bias=bias)
+        t = None if lowrank_down is None else act_quant_lowrank(x2, None, smooth=smooth, lowrank_down=lowrank_down)[2]
+        y = weight_only_gemm(x2, *weights, smooth=smooth, t=t, lowrank_up=lowrank_up, bias=bias)
     else:
         q, s, t = act_quant_lowrank(x2, act_bits, act_scale=act_scale, group_size=a_group, smooth=smooth,
-                                    lora_down=lora_down)
-        y = int_gemm(q, s, *weights, a_group=a_group, t=t, lora_up=lora_up, bias=bias, out_dtype=x.dtype)
+                                    lowrank_down=lowrank_down)
+        y = int_gemm(q, s, *weights, a_group=a_group, t=t, lowrank_up=lowrank_up, bias=bias, out_dtype=x.dtype)
     return y.reshape(*shape[:-1], qweight.shape[0])
 
 
@@ -510,13 +510,13 @@ def act_quant_lowrank(
     act_scale: torch.Tensor | None = None,
     group_size: int | None = None,
     smooth: torch.Tensor | None = None,
-    lora_down: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One activation pass over ``x2 [M, K]``: ``(q int8, scales fp32, (x / smooth) @ L1 fp32)``.
 
     ``q`` and the scales are ``None`` when ``act_bits`` is ``None``; the scales are ``[M, K //
     group_size]`` (dynamic), or ``act_scale`` as a 1-element float32 tensor (static); the
-    low-rank product is ``None`` without ``lora_down``. ``group_size`` is taken as given (see
+    low-rank product is ``None`` without ``lowrank_down``. ``group_size`` is taken as given (see
     :func:`_activation_group` for the reference's rule).
     """
     M, K = x2.shape
@@ -530,20 +530,20 @@ def act_quant_lowrank(
         s = torch.empty((M, K // group_size if group_size else 1), dtype=torch.float32, device=dev)
     else:
         s = None
-    r = 0 if lora_down is None else lora_down.shape[1]
+    r = 0 if lowrank_down is None else lowrank_down.shape[1]
     t = torch.empty((M, r), dtype=torch.float32, device=dev) if r else None
     if not quant and not r:
         return None, None, None
     block_m, block_k = _act_blocks(K, group_size if quant and not static else None)
     dummy = x2
     _act_kernel[(triton.cdiv(M, block_m),)](
-        x2, dummy if smooth is None else smooth, dummy if lora_down is None else lora_down,
+        x2, dummy if smooth is None else smooth, dummy if lowrank_down is None else lowrank_down,
         s if static else dummy, dummy if q is None else q, s if quant and not static else dummy,
         dummy if t is None else t,
-        M, K, r, x2.stride(0), lora_down.stride(0) if r else 0, lora_down.stride(1) if r else 0,
+        M, K, r, x2.stride(0), lowrank_down.stride(0) if r else 0, lowrank_down.stride(1) if r else 0,
         K, s.stride(0) if quant and not static else 0, r,
         HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0,
-        L1_FP32=r > 0 and lora_down.dtype == torch.float32, QUANT=quant, STATIC=static,
+        L1_FP32=r > 0 and lowrank_down.dtype == torch.float32, QUANT=quant, STATIC=static,
         A_GROUPED=quant and not static and group_size is not None,
         QMAX=2 ** (act_bits - 1) - 1 if quant else 1,
         BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=_rank_pad(r), INTERPRET=INTERPRET,
@@ -552,15 +552,15 @@ def act_quant_lowrank(
     return q, s, t
 
 
-def _epilogue_args(t: torch.Tensor | None, lora_up: torch.Tensor | None, bias: torch.Tensor | None,
+def _epilogue_args(t: torch.Tensor | None, lowrank_up: torch.Tensor | None, bias: torch.Tensor | None,
                    dummy: torch.Tensor) -> tuple[list, dict]:
     """Pointer/stride arguments and constexprs shared by both GEMMs' epilogues."""
-    has_lora = t is not None and lora_up is not None
-    ptrs = [t if has_lora else dummy, lora_up if has_lora else dummy, dummy if bias is None else bias]
-    strides = [t.stride(0) if has_lora else 0, lora_up.stride(0) if has_lora else 0,
-               lora_up.stride(1) if has_lora else 0]
-    flags = dict(HAS_LORA=has_lora, L2_FP32=has_lora and lora_up.dtype == torch.float32,
-                 HAS_BIAS=bias is not None, R_PAD=_rank_pad(t.shape[1] if has_lora else 0))
+    has_lowrank = t is not None and lowrank_up is not None
+    ptrs = [t if has_lowrank else dummy, lowrank_up if has_lowrank else dummy, dummy if bias is None else bias]
+    strides = [t.stride(0) if has_lowrank else 0, lowrank_up.stride(0) if has_lowrank else 0,
+               lowrank_up.stride(1) if has_lowrank else 0]
+    flags = dict(HAS_LORA=has_lowrank, L2_FP32=has_lowrank and lowrank_up.dtype == torch.float32,
+                 HAS_BIAS=bias is not None, R_PAD=_rank_pad(t.shape[1] if has_lowrank else 0))
     return [ptrs, strides], flags
 
 
@@ -575,12 +575,12 @@ def int_gemm(
     *,
     a_group: int | None = None,
     t: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float16,
     blocks: Blocks | None = None,
 ) -> torch.Tensor:
-    """``(q * s) @ W^T + t @ lora_up + bias`` with int8 ``q [M, K]`` and packed 4/8-bit ``W``.
+    """``(q * s) @ W^T + t @ lowrank_up + bias`` with int8 ``q [M, K]`` and packed 4/8-bit ``W``.
 
     ``s`` is ``[M, K // a_group]`` (``a_group=None``: ``[M, 1]``) or a 1-element static scale.
     """
@@ -590,7 +590,7 @@ def int_gemm(
     blocks = blocks or _gemm_blocks(M, K, _segment(K, w_group, a_group), int_path=True)
     y = torch.empty((M, N), dtype=out_dtype, device=q.device)
     s_strides = (0, 0) if s.dim() == 1 else (s.stride(0), s.stride(1))  # 1-D: a static scale
-    (ptrs, lstrides), flags = _epilogue_args(t, lora_up, bias, y)
+    (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
     grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
     _int_gemm_kernel[grid](
         q, s, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
@@ -616,17 +616,17 @@ def weight_only_gemm(
     *,
     smooth: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
-    lora_up: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     blocks: Blocks | None = None,
 ) -> torch.Tensor:
-    """``(x2 / smooth) @ W^T + t @ lora_up + bias`` with float ``x2 [M, K]`` and packed ``W``."""
+    """``(x2 / smooth) @ W^T + t @ lowrank_up + bias`` with float ``x2 [M, K]`` and packed ``W``."""
     M, K = x2.shape
     N = qweight.shape[0]
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
     blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=x2.dtype == torch.float32)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    (ptrs, lstrides), flags = _epilogue_args(t, lora_up, bias, y)
+    (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
     grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
     _weight_only_kernel[grid](
         x2, y if smooth is None else smooth, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,

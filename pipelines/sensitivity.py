@@ -27,8 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats
-from diffq.convert import convert_model, supports_branch
+from diffq.convert import convert_model
 from diffq.errors import QuantizationInputError
+from diffq.layers import supports_branch
 from diffq.pipelines.adapters import adapter_for, denoiser_of
 from diffq.pipelines.calibrate import conditioning, default_call_kwargs
 from diffq.pipelines.patching import install_timestep_hook

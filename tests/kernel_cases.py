@@ -72,8 +72,8 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     if case.static:  # clips the largest activations, so the clamp is exercised
         kwargs["act_scale"] = torch.tensor(0.7 * 3.0 / (2 ** (case.act_bits - 1) - 1))
     if case.rank:
-        kwargs["lora_down"] = (torch.randn(case.k, case.rank) / case.k**0.5).to(case.dtype)
-        kwargs["lora_up"] = (torch.randn(case.rank, case.n) / case.rank**0.5).to(case.dtype)
+        kwargs["lowrank_down"] = (torch.randn(case.k, case.rank) / case.k**0.5).to(case.dtype)
+        kwargs["lowrank_up"] = (torch.randn(case.rank, case.n) / case.rank**0.5).to(case.dtype)
     return x, pack(codes, case.w_bits), w_scale, w_zero, kwargs
 
 
@@ -107,7 +107,7 @@ def expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[torch
     mag = a64.abs() @ w64.abs().t()
     err = u_act * mag
     y, rank = main, 0
-    down, up = kw.get("lora_down"), kw.get("lora_up")
+    down, up = kw.get("lowrank_down"), kw.get("lowrank_up")
     if down is not None:
         rank = down.shape[1]
         y = y + (xs64 @ down.double()) @ up.double()

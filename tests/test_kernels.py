@@ -93,7 +93,7 @@ def test_activation_kernel_is_bit_exact(bits, group, static, rank, smooth, dtype
     sm = (torch.rand(K) + 0.5).to(dtype) if smooth else None
     scale = torch.tensor(0.02) if static else None
     down = (torch.randn(K, rank) / K**0.5).to(dtype) if rank else None
-    q, s, t = triton_ops.act_quant_lowrank(x, bits, act_scale=scale, group_size=group, smooth=sm, lora_down=down)
+    q, s, t = triton_ops.act_quant_lowrank(x, bits, act_scale=scale, group_size=group, smooth=sm, lowrank_down=down)
     xs32 = x.float() if sm is None else x.float() / sm.float()
     if bits is None:
         assert q is None and s is None

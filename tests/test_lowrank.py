@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import diffq
-from diffq.convert import resolve_config
+from diffq.layers import resolve_config
 from diffq.lowrank import split_low_rank
 from diffq.modules import QuantizedConv2d, QuantizedLinear
 from diffq.pipelines.serialization import plan_of

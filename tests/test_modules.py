@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffq.convert import resolve_config
 from diffq.errors import QuantizationInputError
+from diffq.layers import resolve_config
 from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_bytes
 from diffq.plan import LayerConfig, QuantPlan
 

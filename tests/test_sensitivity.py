@@ -13,7 +13,8 @@ import torch
 
 import diffq
 from diffq.allocation import LayerShape
-from diffq.convert import convert_model, resolve_config
+from diffq.convert import convert_model
+from diffq.layers import resolve_config
 from diffq.pipelines import adapter_for, denoiser_of
 from diffq.pipelines import sensitivity as runner
 from diffq.pipelines.serialization import plan_of
