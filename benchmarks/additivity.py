@@ -96,7 +96,7 @@ class Harness:
 def solved_plan(harness: Harness, alone: dict[str, dict[int, float]], budget: float) -> dict[str, int]:
     """The integer program's bits per layer, with each candidate's loss its error alone."""
     from diffq.allocation import allocate_bits
-    from diffq.presets import layer_shape
+    from diffq.planning import layer_shape
     from diffq.sensitivity import Candidate, Sensitivity
 
     candidates = [Candidate(b, 8) for b in BITS]

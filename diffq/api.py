@@ -6,7 +6,6 @@ import inspect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields as dataclass_fields
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,8 @@ from diffq.pipelines.serialization import (
     save_quantized,
 )
 from diffq.plan import LayerConfig, QuantPlan
-from diffq.planning import PlanInputs
-from diffq.presets import (
-    Recipe,
-    build_plan,
-    get_preset,
-    temporal_config,
-    weight_only_config,
-    with_temporal_layers,
-)
+from diffq.planning import PlanInputs, build_plan, with_temporal_layers
+from diffq.presets import Recipe, get_preset, temporal_config, weight_only_config
 from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric, default_candidates
 from diffq.validation import finite_number, mapping, of_type, path_like, whole_number
 
@@ -122,7 +114,7 @@ def allocate(
     target: Any,
     stats: CalibrationStats | None = None,
     *,
-    preset: str = "w4a8",
+    preset: str | Recipe = "w4a8",
     budget: float | None = None,
     sensitivity: Sensitivity | str | os.PathLike | None = None,
     content_share: float | None = None,
@@ -156,18 +148,19 @@ def allocate(
     model = target if bare else denoiser_of(target)
     adapter = _adapter(model, bare=bare)
     layers, kept = adapter.layers(model)
+    recipe, inputs = get_preset(preset), PlanInputs(layers, kept, stats, adapter.concat_splits(model))
+    call_kwargs = dict(call_kwargs or {})
     if sensitivity is not None and not isinstance(sensitivity, Sensitivity):
         sensitivity = Sensitivity.load(sensitivity)
-    recipe, inputs = get_preset(preset), PlanInputs(layers, kept, stats, adapter.concat_splits(model))
     plan = build_plan(
         recipe, inputs, progress=progress, sensitivity=sensitivity, budget=budget, content_share=content_share,
         **overrides,
     )
     if recipe.is_mixed and check and not bare:
         probe_prompts = list(prompts) if prompts is not None else default_prompts(target)[:4]
-        plan, _ = keep_better_than_uniform(
+        plan, _scores = keep_better_than_uniform(
             target, recipe, plan, inputs, sensitivity, budget, probe_prompts, num_inference_steps,
-            progress=progress, **dict(call_kwargs or {}),
+            progress=progress, **call_kwargs,
         )
     return plan if temporal is None else with_temporal_layers(plan, adapter.temporal_layers(model), temporal)
 
@@ -283,7 +276,7 @@ def _resolve_target(target: Any, model: str | None, load_kwargs: dict) -> Any:
 
 def quantize(
     target: Any,
-    preset: str = "w4a8",
+    preset: str | Recipe = "w4a8",
     *,
     model: str | None = None,
     calibration: Sequence[str] | Sequence[Mapping[str, Any]] | CalibrationStats | None = None,
@@ -358,54 +351,50 @@ def quantize(
             "this model is already quantized by diffq; load the float model again to quantize it differently."
         )
     extra_components = _extra_components(resolved, components, is_pipe)  # validate before any work
-    temporal = temporal_config(temporal_bits) if temporal_bits is not None else None
-    adapter = _adapter(denoiser, bare=not is_pipe)
-    layers, kept = adapter.layers(denoiser)
+    if temporal_bits is not None:
+        temporal_config(temporal_bits)
+    layers, _kept = _adapter(denoiser, bare=not is_pipe).layers(denoiser)
     if not layers:
         raise UnsupportedTargetError(f"{type(denoiser).__name__} has no Linear or Conv2d layer that diffq can quantize.")
-    stats: CalibrationStats | None = None
-    if isinstance(calibration, CalibrationStats):
-        stats = calibration
-    elif recipe.needs_calibration(**overrides) and is_pipe:
-        prompts = list(calibration) if calibration is not None else default_prompts(resolved)
-        stats = calibrate_pipeline(
-            resolved, layers, prompts, num_calibration_steps, progress=progress, **calibration_kwargs
+    if recipe.is_mixed and not is_pipe:
+        raise UnsupportedTargetError("mixed precision measures images: pass a pipeline, not a bare module.")
+    prompts = None if isinstance(calibration, CalibrationStats) or calibration is None else list(calibration)
+
+    probe_prompts = prompts[:4] if prompts is not None else (default_prompts(resolved)[:4] if is_pipe else None)
+
+    stats = _calibration_stats(resolved, denoiser, layers, recipe, calibration, overrides, num_calibration_steps,
+                               progress, calibration_kwargs)
+    if recipe.is_mixed and sensitivity is None:
+        sensitivity = _measure_sensitivity(
+            resolved, stats, recipe.candidates, probe_prompts, num_inference_steps=num_calibration_steps,
+            metric=sensitivity_metric, progress=progress, **calibration_kwargs,
         )
-    elif recipe.needs_calibration(**overrides):
-        stats = _calibrate_module(denoiser, layers, list(calibration or []), progress, preset)
-    if recipe.is_mixed:
-        if not is_pipe:
-            raise UnsupportedTargetError("mixed precision measures images: pass a pipeline, not a bare module.")
-        probe_prompts = (
-            list(calibration)[:4] if calibration is not None and not isinstance(calibration, CalibrationStats)
-            else default_prompts(resolved)[:4]
-        )
-        if sensitivity is None:
-            sensitivity = _measure_sensitivity(
-                resolved, stats, recipe.candidates, probe_prompts, num_inference_steps=num_calibration_steps,
-                metric=sensitivity_metric, progress=progress, **calibration_kwargs,
-            )
-        elif not isinstance(sensitivity, Sensitivity):
-            sensitivity = Sensitivity.load(sensitivity)
-    inputs = PlanInputs(layers, kept, stats, adapter.concat_splits(denoiser))
-    plan = build_plan(recipe, inputs, progress=progress, sensitivity=sensitivity, budget=budget, **overrides)
-    installed = False
-    if recipe.is_mixed and check:
-        plan, installed = keep_better_than_uniform(
-            resolved, recipe, plan, inputs, sensitivity, budget, probe_prompts, num_calibration_steps,
-            progress=progress, install=True, **calibration_kwargs,
-        )
-    if temporal is not None:
-        plan = with_temporal_layers(plan, adapter.temporal_layers(denoiser), temporal)
-    if installed:  # the check left the kept plan's quantized layers in place; the rest still float
-        still_float = {name: config for name, config in plan.layers.items() if _is_float(denoiser, name)}
-        convert_model(denoiser, replace(plan, layers=still_float), stats, progress=False)
-        _finish_conversion(denoiser, plan)
-    else:
-        convert(resolved, plan, stats, progress=progress)
+    plan = allocate(
+        resolved, stats, preset=recipe, budget=budget, sensitivity=sensitivity, check=check, prompts=probe_prompts,
+        num_inference_steps=num_calibration_steps, call_kwargs=calibration_kwargs, temporal_bits=temporal_bits,
+        progress=progress, **overrides,
+    )
+    convert(resolved, plan, stats, progress=progress)
+
     for name in extra_components:
         quantize_weights_only(getattr(resolved, name), recipe, progress=progress)
     return manage(resolved) if is_pipe else resolved
+
+
+def _calibration_stats(
+    resolved: Any, denoiser: nn.Module, layers: dict[str, nn.Module], recipe: Recipe, calibration: Any,
+    overrides: Mapping[str, Any], num_calibration_steps: int, progress: bool, call_kwargs: Mapping[str, Any],
+) -> CalibrationStats | None:
+    """The statistics the recipe's plan reads: given, measured on the pipeline's prompts, measured on a
+    bare module's example inputs, or ``None`` when the recipe needs none."""
+    if isinstance(calibration, CalibrationStats):
+        return calibration
+    if not recipe.needs_calibration(**overrides):
+        return None
+    if _is_pipeline(resolved):
+        prompts = list(calibration) if calibration is not None else default_prompts(resolved)
+        return calibrate_pipeline(resolved, layers, prompts, num_calibration_steps, progress=progress, **call_kwargs)
+    return _calibrate_module(denoiser, layers, list(calibration or []), progress, recipe.name)
 
 
 def _check_plan_numbers(budget: Any, content_share: Any) -> None:
@@ -437,10 +426,6 @@ def _candidates(candidates: Any) -> list[Candidate]:
             item = Candidate.parse(item)
         out.append(of_type(item, "each candidate", Candidate, "a Candidate or a label such as 'w4a8'"))
     return out
-
-
-def _is_float(model: nn.Module, name: str) -> bool:
-    return not isinstance(model.get_submodule(name), QUANTIZED_MODULES)
 
 
 def _extra_components(pipe: Any, components: Sequence[str] | None, is_pipe: bool) -> list[str]:

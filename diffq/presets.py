@@ -1,6 +1,7 @@
-"""Named recipes (`w8a8`, `w4a8`, ...) and the plans they build.
+"""Named recipes (`w8a8`, `w4a8`, ...): what each preset quantizes and how.
 
-A preset is a frozen :class:`Recipe`; :func:`register_preset` adds one. The default presets are
+A preset is a frozen :class:`Recipe`; :func:`register_preset` adds one; the plans a recipe builds
+come from :mod:`diffq.planning`. The default presets are
 *calibrated*: timestep-grouped activation scales where ranges drift, MSE-searched clipping,
 smoothing, BOS-aware cross-attention and split scales for UNet skip concatenations, all chosen
 per layer from the calibration statistics (:mod:`diffq.planning`). ``<preset>-rtn`` names the
@@ -13,15 +14,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from torch import nn
-from tqdm.auto import tqdm
-
-from diffq.allocation import LayerShape, allocate_bits
 from diffq.errors import QuantizationInputError, UnknownPresetError
-from diffq.layers import layer_columns, resolve_config, supports_branch
-from diffq.plan import LayerConfig, QuantPlan
-from diffq.planning import CalibrationOptions, PlanInputs, calibrated_plan, plan_candidate
-from diffq.sensitivity import Candidate, Sensitivity, default_candidates
+from diffq.plan import LayerConfig
+from diffq.planning import CalibrationOptions
+from diffq.sensitivity import Candidate, default_candidates
 
 
 @dataclass(frozen=True)
@@ -71,12 +67,14 @@ def mixed_recipe(budget: float, a_bits: tuple[int, ...] = (4, 8), name: str | No
     )
 
 
-def get_preset(name: str) -> Recipe:
+def get_preset(name: str | Recipe) -> Recipe:
     """The recipe called ``name``; an unknown name raises an error that lists the valid ones.
 
     Besides the registered presets, ``w<bits>a<4|8>`` with bits that no uniform preset has (such as
     ``w3.5a8`` or ``w5a8``) names mixed precision at that average weight-bit budget.
     """
+    if isinstance(name, Recipe):
+        return name
     if isinstance(name, str) and name in PRESETS:
         return PRESETS[name]
     match = MIXED_BUDGET.fullmatch(name) if isinstance(name, str) else None
@@ -90,103 +88,6 @@ def get_preset(name: str) -> Recipe:
 
 def available_presets() -> list[str]:
     return sorted(PRESETS)
-
-
-def layer_shape(module: nn.Module) -> LayerShape:
-    return LayerShape(layer_columns(module), module.weight.shape[0], supports_branch(module))
-
-
-def measured_candidates(
-    sensitivity: Sensitivity, shapes: dict[str, LayerShape], allowed: tuple[Candidate, ...]
-) -> list[Candidate]:
-    """The recipe's candidates that the sensitivity analysis measured on every layer they apply to."""
-    usable = [
-        c for c in allowed
-        if all(c.label in sensitivity.scores.get(n, {}) for n, shape in shapes.items() if shape.allows(c))
-    ]
-    if not usable:
-        measured = sorted({label for scores in sensitivity.scores.values() for label in scores})
-        raise QuantizationInputError(
-            f"the sensitivity analysis measured {measured or 'nothing'} but the preset chooses among "
-            f"{[c.label for c in allowed]}; measure those candidates (diffq.sensitivity) for every layer."
-        )
-    return usable
-
-
-def mixed_plan(
-    recipe: Recipe,
-    inputs: PlanInputs,
-    sensitivity: Sensitivity | None,
-    budget: float | None,
-    progress: bool = True,
-    content_share: float | None = None,
-) -> QuantPlan:
-    """Allocate bits by integer programming, then tune each layer's config from ``inputs.stats``.
-
-    ``content_share``: split the budget between the metric groups (MixDQ) instead of one joint program.
-    """
-    budget = budget if budget is not None else recipe.budget
-    if budget is None:
-        raise QuantizationInputError(f"preset {recipe.name!r} needs a budget, e.g. budget=4.0 average weight bits.")
-    if inputs.stats is None or sensitivity is None:
-        raise QuantizationInputError(
-            f"mixed precision needs calibration statistics and a sensitivity analysis (diffq.calibrate, "
-            f"diffq.sensitivity) for preset {recipe.name!r}."
-        )
-    shapes = {n: layer_shape(m) for n, m in inputs.layers.items()}
-    candidates = measured_candidates(sensitivity, shapes, recipe.candidates)
-    allocation = allocate_bits(sensitivity, shapes, candidates, budget, content_share=content_share)
-    return _plan_choices(recipe, inputs, allocation.choice, progress)
-
-
-def uniform_alternative(
-    recipe: Recipe,
-    inputs: PlanInputs,
-    sensitivity: Sensitivity,
-    budget: float | None,
-    planned: QuantPlan | None = None,
-) -> tuple[Candidate, QuantPlan] | None:
-    """The uniform plan a mixed recipe's integer program could also have chosen: the candidate
-    without a low-rank branch that the analysis measured, fits ``budget`` and has the most weight
-    bits (then activation bits), given to every layer. ``None`` when no such candidate fits.
-
-    ``planned``: a plan of the same recipe and statistics (the mixed one) whose layers that got
-    this candidate are reused rather than tuned again."""
-    budget = budget if budget is not None else recipe.budget
-    if budget is None:
-        return None
-    shapes = {n: layer_shape(m) for n, m in inputs.layers.items()}
-    fitting = [
-        c for c in measured_candidates(sensitivity, shapes, recipe.candidates) if c.rank == 0 and c.w_bits <= budget + 1e-9
-    ]
-    if not fitting:
-        return None
-    best = max(fitting, key=lambda c: (c.w_bits, c.a_bits or 16))
-    reuse = {
-        name: config for name, config in (planned.layers.items() if planned is not None else ())
-        if (config.w_bits, config.a_bits, config.rank) == (best.w_bits, best.a_bits, best.rank)
-    }
-    return best, _plan_choices(recipe, inputs, dict.fromkeys(inputs.layers, best), False, reuse)
-
-
-def _plan_choices(
-    recipe: Recipe,
-    inputs: PlanInputs,
-    choice: dict[str, Candidate],
-    progress: bool,
-    reuse: dict[str, LayerConfig] | None = None,
-) -> QuantPlan:
-    """A plan with each layer's chosen candidate, tuned from ``inputs.stats`` like the calibrated
-    presets; layers in ``reuse`` keep the config given there (already tuned for the same candidate)."""
-    options = recipe.calibration or CalibrationOptions()
-    reuse = reuse or {}
-    planned = {}
-    for name, module in tqdm(inputs.layers.items(), desc="diffq: planning layers", disable=not progress):
-        if name in reuse:
-            planned[name] = reuse[name]
-            continue
-        planned[name] = plan_candidate(name, module, choice[name], options, inputs.stats, inputs.splits.get(name))
-    return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(inputs.kept))
 
 
 TEMPORAL_BITS = (4, 8)
@@ -211,41 +112,6 @@ def temporal_config(bits: int) -> LayerConfig:
             f"temporal_bits={bits!r}; use 8 (per channel) or 4 (groups of 64), or None to keep those layers 16-bit."
         )
     return weight_only_config(bits, None if bits == 8 else 64)
-
-
-def with_temporal_layers(plan: QuantPlan, temporal: dict[str, nn.Module], config: LayerConfig) -> QuantPlan:
-    """``plan`` with the ``temporal`` layers, which it keeps in 16-bit, quantized with ``config``
-    (:func:`temporal_config`) instead. A mixed-precision budget covers the layers the integer program
-    allocates, not these."""
-    added = {name: resolve_config(module, config) for name, module in temporal.items()}
-    skipped = {name: reason for name, reason in plan.skipped.items() if name not in added}
-    return replace(plan, layers={**plan.layers, **added}, skipped=skipped)
-
-
-def build_plan(
-    recipe: Recipe,
-    inputs: PlanInputs,
-    progress: bool = True,
-    sensitivity: Sensitivity | None = None,
-    budget: float | None = None,
-    content_share: float | None = None,
-    **overrides: object,
-) -> QuantPlan:
-    """The recipe's plan for ``inputs.layers``: uniform, tuned per layer from the statistics, or mixed."""
-    if recipe.is_mixed:
-        if overrides:
-            raise QuantizationInputError(
-                f"mixed precision chooses bits, ranks and activations per layer; drop {sorted(overrides)}."
-            )
-        return mixed_plan(recipe, inputs, sensitivity, budget, progress, content_share)
-    if budget is not None or content_share is not None:
-        what = "budget=" if budget is not None else "content_share="
-        raise QuantizationInputError(f"preset {recipe.name!r} is uniform; {what} needs 'mixed' or e.g. 'w3.5a8'.")
-    base = replace(recipe.layer, **overrides) if overrides else recipe.layer
-    if recipe.calibration is not None:
-        return calibrated_plan(recipe.name, base, recipe.calibration, inputs, progress)
-    planned = {name: resolve_config(module, base) for name, module in inputs.layers.items()}
-    return QuantPlan(preset=recipe.name, layers=planned, skipped=dict(inputs.kept))
 
 
 _W8 = {"w_bits": 8, "w_group_size": None}

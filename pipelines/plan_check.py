@@ -10,14 +10,12 @@ calibration prompts, so mixed precision can keep its plan only where it beats th
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats
@@ -28,8 +26,8 @@ from diffq.pipelines.calibrate import default_call_kwargs
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.pipelines.sensitivity import final_images
 from diffq.plan import QuantPlan
-from diffq.planning import PlanInputs
-from diffq.presets import Recipe, uniform_alternative
+from diffq.planning import PlanInputs, uniform_alternative
+from diffq.presets import Recipe
 from diffq.scores import PSNR_CAP_DB, psnr
 from diffq.sensitivity import Sensitivity
 
@@ -50,13 +48,11 @@ def compare_plans(
     num_inference_steps: int = 8,
     seed: int = 0,
     progress: bool = True,
-    install_best: bool = False,
     **call_kwargs: Any,
 ) -> dict[str, float]:
     """PSNR (dB) of each plan's final images against the float pipeline's, on the same prompts and
-    seeds. Each plan's layers are swapped in, scored and swapped back, so the denoiser is left
-    float; with ``install_best`` the best plan's quantized layers stay in (first plan on a tie), and
-    it need not be converted again."""
+    seeds. Each plan's layers are swapped in, scored and swapped back, so the denoiser is left float
+    (conversion proper is :func:`diffq.convert`'s)."""
     if not prompts:
         raise QuantizationInputError("checking a plan needs at least one prompt.")
     denoiser = denoiser_of(pipe)
@@ -67,21 +63,15 @@ def compare_plans(
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     scores: dict[str, float] = {}
-    best: dict[str, nn.Module] | None = None  # the quantized layers of the best plan so far
-    best_score = -math.inf
     try:
         reference = final_images(pipe, prompts, num_inference_steps, seed, call_kwargs)
         for label, plan in tqdm(plans.items(), desc="diffq: checking plans", disable=not progress):
             try:
                 convert_model(denoiser, plan, stats, progress=False)
                 scores[label] = psnr_db(final_images(pipe, prompts, num_inference_steps, seed, call_kwargs), reference)
-                if install_best and (best is None or scores[label] > best_score):
-                    best, best_score = {name: denoiser.get_submodule(name) for name in plan.layers}, scores[label]
             finally:
                 for name, module in originals.items():
                     denoiser.set_submodule(name, module)
-        for name, module in (best or {}).items():
-            denoiser.set_submodule(name, module)
     finally:
         pipe._progress_bar_config = saved_bar
     return scores
@@ -101,28 +91,25 @@ def keep_better_than_uniform(
     prompts: Sequence[str],
     num_inference_steps: int = 8,
     progress: bool = True,
-    install: bool = False,
     **call_kwargs: Any,
-) -> tuple[QuantPlan, bool]:
-    """A mixed ``plan``, or the uniform plan within the same budget when that one's final images are
-    closer to full precision on ``prompts``; the returned plan's ``note`` records both scores.
-
-    Returns ``(plan, installed)``. With ``install``, the returned plan's quantized layers are left in
-    the denoiser when the comparison ran (``installed`` is then true), so it need not be converted
-    again; otherwise the denoiser is left float.
+) -> tuple[QuantPlan, dict[str, float]]:
+    """``(plan, scores)``: the mixed ``plan``, or the uniform plan within the same budget when that
+    one's final images are closer to full precision on ``prompts``, and the PSNR of each (``{}`` when
+    no uniform candidate fits the budget). The returned plan's ``note`` records both scores; the
+    denoiser is left float.
     """
     alternative = uniform_alternative(recipe, inputs, sensitivity, budget, planned=plan)
     if alternative is None:  # no uniform candidate fits the budget: nothing to compare with
-        return plan, False
+        return plan, {}
     candidate, uniform = alternative
     # Mixed first: it is the one kept on a tie.
     scores = compare_plans(pipe, {"mixed": plan, "uniform": uniform}, inputs.stats, prompts, num_inference_steps,
-                           progress=progress, install_best=install, **call_kwargs)
+                           progress=progress, **call_kwargs)
     measured = (f"{scores['mixed']:.2f} dB for the mixed plan, {scores['uniform']:.2f} dB for uniform "
                 f"{candidate.label} (final images against full precision, {len(prompts)} calibration "
                 f"prompt(s), {num_inference_steps} steps)")
     if scores["mixed"] >= scores["uniform"]:
-        return replace(plan, note=f"mixed plan kept: {measured}"), install
+        return replace(plan, note=f"mixed plan kept: {measured}"), scores
     note = f"uniform {candidate.label} kept, it fits the budget and beat the mixed plan end to end: {measured}"
     warnings.warn(f"diffq: {note}. Pass check=False to keep the mixed plan anyway.", PlanCheckWarning, stacklevel=3)
-    return replace(uniform, note=note), install
+    return replace(uniform, note=note), scores

@@ -221,7 +221,7 @@ def test_allocate_cli_measures_only_the_presets_candidates(sd_folder, tmp_path, 
 
 
 def test_only_grouped_convolutions_disallow_low_rank():
-    from diffq.presets import layer_shape
+    from diffq.planning import layer_shape
 
     shape = LayerShape(288, 32, branch=False)
     assert not shape.allows(Candidate(4, 8, 32)) and shape.allows(Candidate(4, 8))
@@ -312,8 +312,8 @@ def assert_installed_like_a_fresh_conversion(
 
 
 def test_uniform_alternative_reuses_the_mixed_plans_tuned_layers_unchanged():
-    from diffq.planning import PlanInputs
-    from diffq.presets import get_preset, uniform_alternative
+    from diffq.planning import PlanInputs, uniform_alternative
+    from diffq.presets import get_preset
 
     pipe = tiny_pixart_pipeline()
     kwargs = tiny_call_kwargs(pipe)
