@@ -28,6 +28,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,6 @@ def evaluate(
     ``None``, or the error a method raised while quantizing or generating, with every metric
     ``None`` — a method that cannot run is reported, not dropped, and the run goes on.
     """
-    import diffq
-    from diffq.pipelines import denoiser_of
-
     if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
         raise EvaluationInputError(f"num_images must be a positive integer, got {num_images!r}.")
     if batch_size < 1:
@@ -213,6 +211,57 @@ def evaluate(
             "CLIP score needs both clip_model and clip_weights (a file or a cached tag)."
         )
     listed = parse_presets(presets)
+    extra = _checked_methods(methods, listed)
+    prompt_list, digits = resolve_prompts(model, num_images, prompts_file=prompts_file, prompts=prompts)
+    kwargs = {**default_call_kwargs(model), **(call_kwargs or {})}
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if out_dir is not None:
+        check_target(Path(out_dir), overwrite=overwrite, is_checkpoint=is_eval_folder)  # before any work
+
+    state = process_state()
+    device = torch.device(device) if device is not None else state.device
+    scorers = _scorers_or_stop(state, device, feature_extractor, classifier, clip_model, clip_weights, fid_bootstrap,
+                               seed)
+    run = _Run(
+        model, tuple(prompt_list), num_images, shard_batches(num_images, batch_size, state.process_index,
+                                                               state.num_processes),
+        seed, batch_size, kwargs, device, progress and state.is_main_process, out_dir, pipeline_factory or _load_fresh,
+    )
+    images: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for preset in [FP] + [p for p in listed if p != FP] + list(extra):  # fp always: listed, or the reference
+        stack, info[preset] = _run_preset(run, preset, extra.get(preset), state)
+        if stack is not None:
+            images[preset] = stack
+
+    report = None
+    if state.is_main_process:
+        assert scorers is not None
+        report = _report(run, listed + list(extra), images, info, scorers, digits, fid_bootstrap, state)
+    report = broadcast_object(report, state)
+    assert report is not None
+    return report
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every preset of one evaluation shares: the model, prompts, seeds, batches and settings."""
+
+    model: str
+    prompts: tuple[str, ...]
+    num_images: int
+    shard: list[range]  # the batches this process generates
+    seed: int
+    batch_size: int
+    call_kwargs: dict[str, Any]
+    device: torch.device
+    progress: bool  # bars on (the main process only)
+    out_dir: str | os.PathLike[str] | None
+    factory: Callable[[str], Any]
+
+
+def _checked_methods(methods: Mapping[str, Method] | None, listed: list[str]) -> dict[str, Method]:
     extra = dict(methods or {})
     for name, method in extra.items():
         if not isinstance(name, str) or not name.strip() or name == FP or name in listed:
@@ -221,105 +270,97 @@ def evaluate(
             )
         if not callable(method):
             raise EvaluationInputError(f"method {name!r} is not callable; pass a function of the pipeline.")
-    prompt_list, digits = resolve_prompts(model, num_images, prompts_file=prompts_file, prompts=prompts)
-    kwargs = {**default_call_kwargs(model), **(call_kwargs or {})}
-    if steps is not None:
-        kwargs["num_inference_steps"] = steps
+    return extra
 
-    if out_dir is not None:
-        check_target(Path(out_dir), overwrite=overwrite, is_checkpoint=is_eval_folder)  # before any work
 
-    state = process_state()
-    device = torch.device(device) if device is not None else state.device
-    main = state.is_main_process
-    run_order = [FP] + [p for p in listed if p != FP]  # fp always: listed, or the PSNR/SSIM reference
-    factory = pipeline_factory or _load_fresh
-
+def _scorers_or_stop(state: Any, device: torch.device, feature_extractor: str, classifier: Any, clip_model: str | None,
+                     clip_weights: str | None, fid_bootstrap: int, seed: int) -> Scorers | None:
+    """The main process's scorers, built before anything is generated; every process stops when they
+    cannot be (missing weights), not only the main one."""
     scorers, failure = None, None
-    if main:  # fail early, before generating anything, on missing weights
+    if state.is_main_process:
         try:
-            scorers = Scorers(
-                feature_extractor, classifier, clip_model, clip_weights, device=device, fid_bootstrap=fid_bootstrap,
-                bootstrap_seed=seed,
-            )
+            scorers = Scorers(feature_extractor, classifier, clip_model, clip_weights, device=device,
+                              fid_bootstrap=fid_bootstrap, bootstrap_seed=seed)
         except DiffQError as err:
             failure = err
-    failure = broadcast_object(failure, state)  # every process stops, not only the main one
+    failure = broadcast_object(failure, state)
     if failure is not None:
         raise failure
+    return scorers
 
-    shard = shard_batches(num_images, batch_size, state.process_index, state.num_processes)
-    images: dict[str, torch.Tensor] = {}
-    info: dict[str, dict[str, Any]] = {}
-    for preset in run_order + list(extra):
-        store = None
-        if out_dir is not None and preset not in extra:  # another library's method is not identified by its name
-            store = ImageStore(out_dir, preset, _image_settings(model, preset, seed, batch_size, kwargs, device))
-        weight_bytes = store.weight_bytes() if store is not None else None
-        pipe = None
-        if store is None or weight_bytes is None or store.missing(shard, prompt_list):
-            with _loading_bars(progress and main):
-                pipe = factory(model)
-            if device.type != "cpu":
-                pipe.to(device)
-        error, measured = None, None
-        try:
-            if pipe is not None:
-                if preset in extra:
-                    measured = extra[preset](pipe)
-                elif preset != FP:
-                    name, options = preset_spec(preset)
-                    diffq.quantize(pipe, name, progress=progress and main, **options)
-                weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)) if measured is None else measured)
-                if store is not None:
-                    store.record_weight_bytes(weight_bytes)
-            local, seconds = generate_images(
-                pipe, prompt_list, shard, seed=seed, call_kwargs=kwargs, progress=progress and main, desc=preset,
-                store=store,
-            )
-        except Exception as err:
-            if preset not in extra:
-                raise
-            # another library's failure is a result, not a crash
-            error, local, seconds = " ".join(f"{type(err).__name__}: {err}".split()), {}, 0.0
-        del pipe
-        gc.collect()
-        gathered, all_seconds = gather_objects(list(local.items()), state), gather_objects([seconds], state)
-        errors = [e for e in gather_objects([error], state) if e is not None]
-        if main and errors:
-            info[preset] = {"weight_bytes": None, "seconds": None, "error": errors[0]}
-        elif main:
-            images[preset] = _stack(dict(gathered), num_images)
-            info[preset] = {"weight_bytes": weight_bytes, "seconds": round(max(all_seconds), 3)}
-            if preset in extra:
-                info[preset]["error"] = None
 
-    report: dict[str, Any] | None = None
-    if main:
-        assert scorers is not None
-        results = {}
-        for p in listed + list(extra):
-            if p not in images:  # a method that failed: its error, no metrics
-                results[p] = dict.fromkeys(_METRICS) | info[p]
-                continue
-            reference = images[FP] if p != FP else None
-            results[p] = scorers.score(images[p], reference, prompt_list, digits, name=p) | info[p]
-        report = {
-            "model": model,
-            "num_images": num_images,
-            "feature_extractor": scorers.feature_name,
-            "fid_bootstrap": fid_bootstrap,
-            "results": results,
-            "fid_differences": scorers.fid_differences(listed + list(extra)),
-        }
-        if out_dir is not None:
-            from diffq.metrics.report import write_report
+def _run_preset(run: _Run, preset: str, method: Method | None, state: Any) -> tuple[torch.Tensor | None, dict]:
+    """Generate one preset's (or method's) images on every process and gather them on the main one:
+    ``(images or None, its report fields)``. Stored images are reused (:mod:`.store`)."""
+    import diffq
+    from diffq.pipelines import denoiser_of
 
-            notes = _notes(scorers.num_real, tuple(images[FP].shape[-2:]), seed, state.num_processes)
-            grid = {p: images[p][:GRID_COLUMNS] for p in results if p in images}
-            write_report(out_dir, report, grid, notes)
-    report = broadcast_object(report, state)
-    assert report is not None
+    store = None
+    if run.out_dir is not None and method is None:  # another library's method is not identified by its name
+        store = ImageStore(run.out_dir, preset,
+                           _image_settings(run.model, preset, run.seed, run.batch_size, run.call_kwargs, run.device))
+    weight_bytes = store.weight_bytes() if store is not None else None
+    pipe = None
+    if store is None or weight_bytes is None or store.missing(run.shard, run.prompts):
+        with _loading_bars(run.progress):
+            pipe = run.factory(run.model)
+        if run.device.type != "cpu":
+            pipe.to(run.device)
+    error, measured = None, None
+    try:
+        if pipe is not None:
+            if method is not None:
+                measured = method(pipe)
+            elif preset != FP:
+                name, options = preset_spec(preset)
+                diffq.quantize(pipe, name, progress=run.progress, **options)
+            weight_bytes = int(diffq.weight_bytes(denoiser_of(pipe)) if measured is None else measured)
+            if store is not None:
+                store.record_weight_bytes(weight_bytes)
+        local, seconds = generate_images(pipe, list(run.prompts), run.shard, seed=run.seed, call_kwargs=run.call_kwargs,
+                                         progress=run.progress, desc=preset, store=store)
+    except Exception as err:
+        if method is None:
+            raise
+        # another library's failure is a result, not a crash
+        error, local, seconds = " ".join(f"{type(err).__name__}: {err}".split()), {}, 0.0
+    del pipe
+    gc.collect()
+    gathered, all_seconds = gather_objects(list(local.items()), state), gather_objects([seconds], state)
+    errors = [e for e in gather_objects([error], state) if e is not None]
+    if not state.is_main_process:
+        return None, {}
+    if errors:
+        return None, {"weight_bytes": None, "seconds": None, "error": errors[0]}
+    info = {"weight_bytes": weight_bytes, "seconds": round(max(all_seconds), 3)}
+    return _stack(dict(gathered), run.num_images), info | ({"error": None} if method is not None else {})
+
+
+def _report(run: _Run, names: list[str], images: dict[str, torch.Tensor], info: dict[str, dict], scorers: Scorers,
+            digits: Any, fid_bootstrap: int, state: Any) -> dict[str, Any]:
+    """Score every preset against the real images and ``fp``; write the report files when asked."""
+    results = {}
+    for p in names:
+        if p not in images:  # a method that failed: its error, no metrics
+            results[p] = dict.fromkeys(_METRICS) | info[p]
+            continue
+        reference = images[FP] if p != FP else None
+        results[p] = scorers.score(images[p], reference, list(run.prompts), digits, name=p) | info[p]
+    report = {
+        "model": run.model,
+        "num_images": run.num_images,
+        "feature_extractor": scorers.feature_name,
+        "fid_bootstrap": fid_bootstrap,
+        "results": results,
+        "fid_differences": scorers.fid_differences(names),
+    }
+    if run.out_dir is not None:
+        from diffq.metrics.report import write_report
+
+        notes = _notes(scorers.num_real, tuple(images[FP].shape[-2:]), run.seed, state.num_processes)
+        grid = {p: images[p][:GRID_COLUMNS] for p in results if p in images}
+        write_report(run.out_dir, report, grid, notes)
     return report
 
 
