@@ -99,16 +99,17 @@ def _quantized_class(layer: nn.Module, name: str, why: str = "keep it in 16-bit"
     return found
 
 
-def _check_layers_exist(model: nn.Module, plan: QuantPlan) -> None:
-    """Refuse a plan made for another model before any layer is swapped."""
+def _planned_layers(model: nn.Module, plan: QuantPlan, error: type[Exception], advice: str) -> dict[str, nn.Module]:
+    """The modules ``plan`` names, or ``error`` (before any layer is swapped) when the model lacks some:
+    the plan was made for another model."""
     names = dict(model.named_modules())
     missing = [name for name in plan.layers if name not in names]
     if missing:
-        raise QuantizationInputError(
+        raise error(
             f"the plan names {len(missing)} of its {len(plan.layers)} layers that this {type(model).__name__} does "
-            f"not have (e.g. {missing[0]!r}); it was made for another model. Allocate a plan for this one "
-            "(diffq.allocate)."
+            f"not have (e.g. {missing[0]!r}); it was made for another model. {advice}"
         )
+    return {name: names[name] for name in plan.layers}
 
 
 def convert_model(
@@ -118,9 +119,9 @@ def convert_model(
 
     Layers with static activations, smoothing, MSE clipping or BOS handling read ``stats``.
     """
-    _check_layers_exist(model, plan)
+    planned = _planned_layers(model, plan, QuantizationInputError, "Allocate a plan for this one (diffq.allocate).")
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
-        layer = model.get_submodule(name)
+        layer = planned[name]
         _check_float(layer, repr(name))
         needs_stats = config.static_activations or config.smooth_alpha is not None or config.bos
         if needs_stats and stats is None:
@@ -144,15 +145,10 @@ def convert_model(
 
 def convert_structure(model: nn.Module, plan: QuantPlan) -> nn.Module:
     """Swap planned layers for *empty* quantized modules of the right shapes (for loading weights)."""
-    names = dict(model.named_modules())
-    missing = [name for name in plan.layers if name not in names]
-    if missing:
-        raise CheckpointError(
-            f"the checkpoint's plan names {len(missing)} layers its {type(model).__name__} does not have (e.g. "
-            f"{missing[0]!r}); the checkpoint does not match its model. Quantize and save it again."
-        )
+    planned = _planned_layers(model, plan, CheckpointError, "The checkpoint does not match its model; quantize and "
+                              "save it again.")
     for name, config in plan.layers.items():
-        empty = _quantized_class(names[name], name, "the checkpoint does not match this model").empty_like(
-            names[name], config)
+        layer = planned[name]
+        empty = _quantized_class(layer, name, "the checkpoint does not match this model").empty_like(layer, config)
         model.set_submodule(name, empty)
     return model
