@@ -25,12 +25,22 @@ from typing import Literal
 import torch
 
 from diffq.errors import QuantizationInputError
-from diffq.kernels.packing import pack, packed_cols, unpack
+from diffq.kernels import packing
+from diffq.kernels.packing import packed_cols, unpack
 
 __all__ = ["IntFormat", "QuantizedTensor", "compute_scales", "quantize", "dequantize", "fake_quantize",
            "largest_group_size", "pack", "unpack", "packed_cols", "quantize_fp8", "dequantize_fp8", "fp8_available"]
 
 Granularity = Literal["tensor", "channel", "group"]
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`diffq.kernels.packing.pack`, its refusals (a width it cannot pack, codes too wide) as
+    :class:`QuantizationInputError`."""
+    try:
+        return packing.pack(codes, bits)
+    except ValueError as err:
+        raise QuantizationInputError(str(err)) from None
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

@@ -17,7 +17,7 @@ from torch import nn
 from diffq import kernels
 from diffq.context import timestep_tensor
 from diffq.errors import QuantizationInputError
-from diffq.formats import IntFormat, compute_scales, packed_cols, quantize
+from diffq.formats import IntFormat, compute_scales, pack, packed_cols, quantize
 from diffq.lowrank import split_low_rank
 from diffq.plan import LayerConfig
 
@@ -137,7 +137,7 @@ class _QuantizedWeightMixin(nn.Module):
         fmt = weight_format(self.config)
         scale, zero = compute_scales(weight2d.detach(), fmt, clip_ratio)
         q = quantize(weight2d.detach(), fmt, scale, zero)
-        self.qweight.copy_(kernels.pack(q.codes, self.config.w_bits))
+        self.qweight.copy_(pack(q.codes, self.config.w_bits))
         self.weight_scale.copy_(scale.to(self.weight_scale.dtype))
         if self.weight_zero is not None:
             assert zero is not None
