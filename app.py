@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from PIL import Image  # noqa: E402
 import diffq  # noqa: E402
 from diffq.metrics.fidelity import psnr, ssim  # noqa: E402
 from diffq.pipelines import adapter_for, denoiser_of  # noqa: E402
-from diffq.pipelines.call_defaults import call_defaults  # noqa: E402
+from diffq.pipelines.call_defaults import call_defaults, recorded_source  # noqa: E402
 from diffq.pipelines.serialization import plan_of  # noqa: E402
 
 log = logging.getLogger("diffq.demo")
@@ -137,12 +136,7 @@ def validate_request(model: Any, preset: Any, prompt: Any, seed: Any, steps: Any
 
 def source_model(model: str) -> str | None:
     """The model a local diffq-quantized folder was made from (its ``diffq_report.json``), if recorded."""
-    report = Path(model).expanduser() / "diffq_report.json"
-    try:
-        source = json.loads(report.read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return source if isinstance(source, str) and source.strip() else None
+    return recorded_source(model)
 
 
 def default_call_kwargs(model: str) -> dict[str, Any]:

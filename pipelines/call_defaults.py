@@ -45,11 +45,17 @@ def _folder_defaults(folder: Path, depth: int = 0) -> dict[str, Any]:
     recorded = _read_json(resolved / FILE)
     if isinstance(recorded, dict):
         return recorded
-    report = _read_json(resolved / "diffq_report.json")
-    source = report.get("model") if isinstance(report, dict) else None
-    if isinstance(source, str) and source.strip() and depth < 2:
+    source = recorded_source(resolved)
+    if source is not None and depth < 2:
         return call_defaults(source, _depth=depth + 1)
     return {}
+
+
+def recorded_source(folder: str | os.PathLike) -> str | None:
+    """The model a checkpoint folder was quantized from, as its ``diffq_report.json`` records it."""
+    report = _read_json(Path(folder).expanduser() / "diffq_report.json")
+    source = report.get("model") if isinstance(report, dict) else None
+    return source if isinstance(source, str) and source.strip() else None
 
 
 def _source_folders(pipe: Any) -> list[Path]:
@@ -107,4 +113,4 @@ def write_call_defaults(pipe: Any, folder: Path) -> None:
         (folder / FILE).write_text(json.dumps(defaults, indent=1, sort_keys=True) + "\n")
 
 
-__all__ = ["ATTR", "FILE", "bundled_name", "call_defaults", "write_call_defaults"]
+__all__ = ["ATTR", "FILE", "bundled_name", "call_defaults", "recorded_source", "write_call_defaults"]
