@@ -283,6 +283,7 @@ def quantize(
     num_calibration_steps: int = 8,
     activations: str | None = None,
     rank: int | None = None,
+    weight_rounding: str | None = None,
     budget: float | None = None,
     sensitivity: Sensitivity | str | os.PathLike | None = None,
     sensitivity_metric: SensitivityMetric = "decoupled",
@@ -307,6 +308,10 @@ def quantize(
         activations: ``"dynamic"`` or ``"static"`` to override the preset's activation scales.
         rank: rank of the 16-bit low-rank branch on Linear and Conv2d layers (``w4a4`` uses 32;
             ``0`` = none).
+        weight_rounding: ``"nearest"`` or ``"gptq"`` to override how the preset rounds weights onto
+            their grid; GPTQ moves each input column's rounding error onto the columns not yet
+            rounded, against the Hessian of the calibration inputs (:mod:`diffq.gptq`), and
+            needs calibration.
         budget: average weight bits for ``preset="mixed"``.
         sensitivity: a precomputed :class:`Sensitivity` (or its file) for mixed precision;
             otherwise it is measured (and cached, see :func:`sensitivity`).
@@ -341,6 +346,10 @@ def quantize(
         overrides["a_mode"] = activations
     if rank is not None:
         overrides["rank"] = whole_number(rank, "rank (0: no low-rank branch; e.g. 32)", minimum=0)
+    if weight_rounding is not None:
+        if weight_rounding not in ("nearest", "gptq"):
+            raise QuantizationInputError(f"weight_rounding={weight_rounding!r}; use 'nearest' or 'gptq'.")
+        overrides["w_round"] = weight_rounding
     resolved = _resolve_target(target, model, load_kwargs)
     is_pipe = _is_pipeline(resolved)
     denoiser = denoiser_of(resolved) if is_pipe else resolved

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats, timestep_groups
 from diffq.errors import CheckpointError, QuantizationInputError
+from diffq.gptq import input_hessian
 from diffq.layers import conv_channel_weight, supports_branch
 from diffq.lowrank import split_low_rank
 from diffq.modules import QMODULES, QUANTIZED_MODULES, quantized_class, weight_format
@@ -99,6 +100,19 @@ def _quantized_class(layer: nn.Module, name: str, why: str = "keep it in 16-bit"
     return found
 
 
+def _gptq_hessian(name: str, config: LayerConfig, rows: torch.Tensor | None,
+                  smooth: torch.Tensor | None) -> torch.Tensor | None:
+    """The input Hessian GPTQ rounds against, for a layer planned with ``w_round="gptq"``."""
+    if config.w_round != "gptq":
+        return None
+    if rows is None or rows.shape[0] < 2:
+        raise QuantizationInputError(
+            f"layer {name!r} is planned with GPTQ rounding, which needs sampled calibration inputs; calibrate "
+            "first (diffq.calibrate) or use weight_rounding='nearest'."
+        )
+    return input_hessian(rows, smooth)
+
+
 def _planned_layers(model: nn.Module, plan: QuantPlan, error: type[Exception], advice: str) -> dict[str, nn.Module]:
     """The modules ``plan`` names, or ``error`` (before any layer is swapped) when the model lacks some:
     the plan was made for another model."""
@@ -123,10 +137,11 @@ def convert_model(
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
         layer = planned[name]
         _check_float(layer, repr(name))
-        needs_stats = config.static_activations or config.smooth_alpha is not None or config.bos
+        needs_stats = config.static_activations or config.smooth_alpha is not None or config.bos or (
+            config.w_round == "gptq")
         if needs_stats and stats is None:
             raise QuantizationInputError(
-                f"layer {name!r} needs calibration statistics (static activations, smoothing or BOS); "
+                f"layer {name!r} needs calibration statistics (static activations, smoothing, BOS or GPTQ); "
                 "calibrate first, or use an -rtn preset with activations='dynamic'."
             )
         quantized_cls = _quantized_class(layer, name)
@@ -134,8 +149,9 @@ def convert_model(
         smooth, weight2d, lowrank, importance = _weight_to_quantize(name, layer, config, stats, rows)
         clip = _weight_clip(layer, config, weight2d, importance)
         bos = stats.bos.get(name) if config.bos else None
+        hessian = _gptq_hessian(name, config, rows, smooth)
         quantized = quantized_cls.from_float(layer, config, smooth=smooth, clip_ratio=clip, bos_input=bos,
-                                             lowrank=lowrank)
+                                             lowrank=lowrank, hessian=hessian)
         if config.static_activations:
             table, bounds = _activation_scales(name, config, stats, smooth, quantized.input_channels)
             quantized.set_activation_scale(table, bounds)

@@ -18,6 +18,7 @@ from diffq import kernels
 from diffq.context import timestep_tensor
 from diffq.errors import QuantizationInputError
 from diffq.formats import IntFormat, compute_scales, pack, packed_cols, quantize
+from diffq.gptq import gptq_round
 from diffq.lowrank import split_low_rank
 from diffq.plan import LayerConfig
 
@@ -29,7 +30,7 @@ def register_qmodule(float_class: type[nn.Module]):
     """Class decorator: the decorated quantized module replaces ``float_class`` (and its subclasses).
 
     A quantized module provides ``from_float(module, config, *, smooth, clip_ratio, bos_input,
-    lowrank)``, ``empty_like(module, config)`` (the right shapes, for loading a checkpoint) and
+    lowrank, hessian)``, ``empty_like(module, config)`` (the right shapes, for loading a checkpoint) and
     ``input_channels``.
     """
 
@@ -116,9 +117,10 @@ class _QuantizedWeightMixin(nn.Module):
         smooth: torch.Tensor | None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None,
         clip_ratio: torch.Tensor | float,
+        hessian: torch.Tensor | None = None,
     ) -> None:
         """Store a float ``[rows, cols]`` weight: smoothed, its low-rank branch kept (``lowrank``, or
-        from an SVD), and only the residual quantized."""
+        from an SVD), and only the residual quantized (by GPTQ against ``hessian`` when given)."""
         if (smooth is None) != (self.config.smooth_alpha is None):
             raise QuantizationInputError("pass a smoothing vector exactly when config.smooth_alpha is set.")
         weight2d = weight2d.float()
@@ -131,12 +133,16 @@ class _QuantizedWeightMixin(nn.Module):
             self.lowrank_up.copy_(up)
             # Quantize what the stored (rounded) branch leaves, so the two parts add up.
             weight2d = weight2d - (self.lowrank_down.float() @ self.lowrank_up.float()).t()
-        self._store_weight(weight2d, clip_ratio)
+        self._store_weight(weight2d, clip_ratio, hessian)
 
-    def _store_weight(self, weight2d: torch.Tensor, clip_ratio: torch.Tensor | float = 1.0) -> None:
+    def _store_weight(self, weight2d: torch.Tensor, clip_ratio: torch.Tensor | float = 1.0,
+                      hessian: torch.Tensor | None = None) -> None:
         fmt = weight_format(self.config)
-        scale, zero = compute_scales(weight2d.detach(), fmt, clip_ratio)
-        q = quantize(weight2d.detach(), fmt, scale, zero)
+        weight2d = weight2d.detach()
+        scale, zero = compute_scales(weight2d, fmt, clip_ratio)
+        if hessian is not None:  # other codes on the same grid (diffq.gptq)
+            weight2d = gptq_round(weight2d, hessian, fmt, scale, zero, taps=self.cols // hessian.shape[0])
+        q = quantize(weight2d, fmt, scale, zero)
         self.qweight.copy_(pack(q.codes, self.config.w_bits))
         self.weight_scale.copy_(scale.to(self.weight_scale.dtype))
         if self.weight_zero is not None:
@@ -259,12 +265,14 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         clip_ratio: torch.Tensor | float = 1.0,
         bos_input: torch.Tensor | None = None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> QuantizedLinear:
         """Quantize a float ``nn.Linear`` (its weights are read, not modified).
 
         ``smooth`` divides activations per input channel and multiplies the weight columns
         (required when ``config.smooth_alpha`` is set); ``clip_ratio`` shrinks each weight
         block's range; ``bos_input`` is the constant first-token input of a ``bos`` layer;
+        ``hessian`` (``E[x xᵀ]`` of the smoothed inputs) has the weight rounded by GPTQ;
         ``lowrank`` is ``(down [in, r], up [r, out])`` of the smoothed weight (computed here
         from an SVD when ``config.rank`` is set and it is not given).
         """
@@ -272,7 +280,7 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         module = cls(
             linear.in_features, linear.out_features, config, linear.bias is not None, weight.dtype, weight.device
         )
-        module._store_smoothed_weight(weight, smooth, lowrank, clip_ratio)
+        module._store_smoothed_weight(weight, smooth, lowrank, clip_ratio, hessian)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         if config.bos:
@@ -374,13 +382,15 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         clip_ratio: torch.Tensor | float = 1.0,
         bos_input: torch.Tensor | None = None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> QuantizedConv2d:
         """Quantize a float ``nn.Conv2d`` (zero padding only; its weights are read, not modified).
 
         ``smooth`` divides the input per channel and multiplies the weight's input channels
         (required when ``config.smooth_alpha`` is set); ``lowrank`` is ``(down [cols, r], up [r,
         out])`` of the smoothed ``[out, cols]`` weight (from an SVD when ``config.rank`` is set and
-        it is not given). As for :class:`QuantizedLinear`, only the residual is quantized; a
+        it is not given); ``hessian`` is ``E[x xᵀ]`` over input channels (GPTQ, taps taken as
+        uncorrelated). As for :class:`QuantizedLinear`, only the residual is quantized; a
         convolution has no BOS handling (``bos_input`` must be ``None``).
         """
         if bos_input is not None or config.bos:
@@ -403,7 +413,7 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
             weight.dtype,
             weight.device,
         )
-        module._store_smoothed_weight(weight.reshape(conv.out_channels, -1), smooth, lowrank, clip_ratio)
+        module._store_smoothed_weight(weight.reshape(conv.out_channels, -1), smooth, lowrank, clip_ratio, hessian)
         if conv.bias is not None:
             module.bias.data.copy_(conv.bias.detach())
         return module

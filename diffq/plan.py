@@ -12,6 +12,7 @@ from diffq.formats import SUPPORTED_BITS
 from diffq.saving import json_has_keys, write_file
 
 ActivationMode = Literal["dynamic", "static"]
+WeightRounding = Literal["nearest", "gptq"]
 ClipMethod = Literal["minmax", "mse", "percentile"]
 
 PLAN_FORMAT_VERSION = 1
@@ -40,6 +41,9 @@ class LayerConfig:
             samples) or ``"percentile"`` (99.99th percentile of ``|x|``).
         bos: cross-attention key/value projection whose first (BOS) token is computed in full
             precision from a stored vector; the other tokens are quantized.
+        w_round: how weights are rounded onto their grid: ``"nearest"``, or ``"gptq"`` (each input
+            column's rounding error moved onto the columns not yet rounded, against the Hessian of
+            the calibration inputs; :mod:`diffq.gptq`). Needs calibration samples.
         rank: rank of the 16-bit low-rank branch that absorbs weight outliers (SVDQuant); the
             quantized weight is the residual. ``0`` = no branch. Linear layers and Conv2d with
             groups=1 (a convolution to ``rank`` channels, then a 1×1 one).
@@ -58,6 +62,7 @@ class LayerConfig:
     a_clip: ClipMethod = "minmax"
     bos: bool = False
     rank: int = 0
+    w_round: WeightRounding = "nearest"
 
     def __post_init__(self) -> None:
         if self.w_bits not in SUPPORTED_BITS:
@@ -70,6 +75,8 @@ class LayerConfig:
             raise QuantizationInputError(f"rank must be 0 (no low-rank branch) or positive, got {self.rank}.")
         if self.a_groups < 1:
             raise QuantizationInputError(f"a_groups must be at least 1, got {self.a_groups}.")
+        if self.w_round not in ("nearest", "gptq"):
+            raise QuantizationInputError(f"w_round={self.w_round!r}; use 'nearest' or 'gptq'.")
         for name, value in (("w_clip", self.w_clip), ("a_clip", self.a_clip)):
             if value not in ("minmax", "mse", "percentile"):
                 raise QuantizationInputError(f"{name}={value!r}; use 'minmax', 'mse' or 'percentile'.")
@@ -84,7 +91,10 @@ class LayerConfig:
         return f"w{self.w_bits}a{self.a_bits or 16}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["w_round"] == "nearest":  # plans without GPTQ stay readable by diffq versions before it
+            del data["w_round"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerConfig:

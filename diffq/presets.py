@@ -38,7 +38,7 @@ class Recipe:
     def needs_calibration(self, **overrides: object) -> bool:
         """Whether building the plan needs calibration statistics."""
         layer = replace(self.layer, **overrides) if overrides else self.layer
-        return self.calibration is not None or layer.static_activations
+        return self.calibration is not None or layer.static_activations or layer.w_round == "gptq"
 
 
 PRESETS: dict[str, Recipe] = {}

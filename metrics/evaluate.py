@@ -62,7 +62,7 @@ def _flag(value: str) -> bool:
 
 PRESET_OPTIONS = {
     "rank": int, "activations": str, "budget": float, "sensitivity": str, "sensitivity_metric": str, "check": _flag,
-    "temporal_bits": int,
+    "temporal_bits": int, "weight_rounding": str,
 }
 
 Method = Callable[[Any], int | None]
@@ -96,7 +96,8 @@ def parse_presets(presets: str | Sequence[str]) -> list[str]:
     ``w3.5a8:sensitivity=sens.json`` (a saved sensitivity analysis for mixed precision),
     ``w4.0a8:check=false`` (the integer program's plan without the end-to-end check),
     ``w4.0a8:sensitivity_metric=image`` (layers scored by final-image PSNR, not MixDQ's two metrics),
-    ``w4a8:temporal_bits=8`` (the temporal modulation layers weight-only too).
+    ``w4a8:temporal_bits=8`` (the temporal modulation layers weight-only too),
+    ``w4a8:weight_rounding=gptq`` (GPTQ rounding of the weights).
     """
     import diffq
 

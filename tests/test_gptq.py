@@ -1,0 +1,96 @@
+"""GPTQ weight rounding (diffq.gptq): same grid as round-to-nearest, lower output error on the
+calibration inputs, carried by the plan, saved and reloaded bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diffq
+from diffq.gptq import gptq_round, input_hessian
+from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_format
+from diffq.pipelines import denoiser_of
+from diffq.pipelines.serialization import plan_of
+from diffq.pipelines.testing import TINY_PROMPTS, run_tiny, tiny_call_kwargs, tiny_sd_pipeline
+from diffq.plan import LayerConfig, QuantPlan
+
+
+def correlated(n: int, channels: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(channels, channels, generator=generator) / channels**0.5
+    return torch.randn(n, channels, generator=generator) @ mix + 0.1 * torch.randn(n, channels, generator=generator)
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((y - reference).pow(2).mean() / reference.pow(2).mean())
+
+
+@pytest.mark.parametrize("config", [LayerConfig(4, 32, True, None), LayerConfig(4, None, True, None),
+                                    LayerConfig(4, 32, False, None), LayerConfig(8, None, True, None)],
+                         ids=["int4-g32", "int4-channel", "uint4-g32-asym", "int8-channel"])
+@torch.no_grad()
+def test_gptq_lowers_the_output_error_of_a_linear_layer(config):
+    torch.manual_seed(0)
+    layer, x = nn.Linear(128, 64), correlated(512, 128)
+    reference = layer(x)
+    nearest = QuantizedLinear.from_float(layer, config)
+    gptq = QuantizedLinear.from_float(layer, config, hessian=input_hessian(x[:256]))  # fitted on half
+    assert relative_error(gptq(x[256:]), reference[256:]) < 0.7 * relative_error(nearest(x[256:]), reference[256:])
+    assert torch.equal(gptq.weight_scale, nearest.weight_scale)  # the same grid, other codes
+    assert not torch.equal(gptq.qweight, nearest.qweight)
+
+
+@torch.no_grad()
+def test_gptq_lowers_the_output_error_of_a_convolution():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 16, 3, padding=1)
+    mix = torch.randn(32, 32) / 32**0.5
+    x = torch.einsum("nchw,cd->ndhw", torch.randn(8, 32, 12, 12), mix)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 32)  # what calibration samples: one vector per pixel
+    config = LayerConfig(4, 32, True, None)
+    reference = conv(x)
+    nearest = QuantizedConv2d.from_float(conv, config)
+    gptq = QuantizedConv2d.from_float(conv, config, hessian=input_hessian(rows))
+    assert relative_error(gptq(x), reference) < 0.7 * relative_error(nearest(x), reference)
+
+
+def test_gptq_values_lie_on_the_grid_and_a_bad_hessian_is_refused():
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 64), correlated(256, 64)
+    config = LayerConfig(4, 16, True, None)
+    fmt = weight_format(config)
+    from diffq.formats import compute_scales
+
+    scale, zero = compute_scales(weight, fmt)
+    rounded = gptq_round(weight, input_hessian(x), fmt, scale, zero)
+    codes = rounded.reshape(16, 4, 16) / scale.unsqueeze(-1)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+    with pytest.raises(ValueError, match="does not fit"):
+        gptq_round(weight, input_hessian(x[:, :32]), fmt, scale, zero)
+
+
+def test_the_plan_carries_gptq_and_stays_readable_without_it():
+    nearest, gptq = LayerConfig(4, 64, True, 8), LayerConfig(4, 64, True, 8, w_round="gptq")
+    assert "w_round" not in nearest.to_dict() and gptq.to_dict()["w_round"] == "gptq"
+    plan = QuantPlan("p", {"a": nearest, "b": gptq})
+    assert QuantPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(diffq.QuantizationInputError, match="w_round"):
+        LayerConfig(w_round="best")
+
+
+def test_quantize_with_gptq_rounding_saves_and_reloads_bit_for_bit(tmp_path):
+    pipe = tiny_sd_pipeline()
+    reference = run_tiny(pipe)
+    nearest = diffq.quantize(tiny_sd_pipeline(), "w4a16", calibration=TINY_PROMPTS[:2], num_calibration_steps=2,
+                             progress=False, **tiny_call_kwargs(pipe))
+    diffq.quantize(pipe, "w4a16", calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False,
+                   weight_rounding="gptq", **tiny_call_kwargs(pipe))
+    plan = plan_of(denoiser_of(pipe))
+    assert {config.w_round for config in plan.layers.values()} == {"gptq"}
+    images = run_tiny(pipe)
+    assert np.isfinite(images).all() and not np.array_equal(images, run_tiny(nearest))
+    assert np.mean((images - reference) ** 2) < 2 * np.mean((run_tiny(nearest) - reference) ** 2)
+    diffq.save(pipe, tmp_path / "q")
+    assert np.array_equal(run_tiny(diffq.load(tmp_path / "q")), images)
+    with pytest.raises(diffq.QuantizationInputError, match="weight_rounding"):
+        diffq.quantize(tiny_sd_pipeline(), "w4a16", weight_rounding="best")
