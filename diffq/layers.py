@@ -39,8 +39,11 @@ def supports_branch(module: nn.Module) -> bool:
 def resolve_config(module: nn.Module, config: LayerConfig) -> LayerConfig:
     """Fit a requested config to a layer: weight and activation group sizes that divide its rows
     and input channels (or per channel / per token), and a low-rank branch no wider than the layer
-    and only where :func:`supports_branch`."""
+    and only where :func:`supports_branch` (GPTQ rounding too: a grouped convolution's Hessian would
+    be per group)."""
     cols = layer_columns(module)
+    if config.w_round == "gptq" and not supports_branch(module):
+        config = replace(config, w_round="nearest")
     if config.rank:
         rank = min(config.rank, cols, module.weight.shape[0]) if supports_branch(module) else 0
         config = replace(config, rank=rank)

@@ -94,3 +94,12 @@ def test_quantize_with_gptq_rounding_saves_and_reloads_bit_for_bit(tmp_path):
     assert np.array_equal(run_tiny(diffq.load(tmp_path / "q")), images)
     with pytest.raises(diffq.QuantizationInputError, match="weight_rounding"):
         diffq.quantize(tiny_sd_pipeline(), "w4a16", weight_rounding="best")
+
+
+def test_a_grouped_convolution_keeps_nearest_rounding():
+    from diffq.layers import resolve_config
+
+    gptq = LayerConfig(4, None, True, None, w_round="gptq")
+    assert resolve_config(nn.Conv2d(8, 8, 3, groups=2), gptq).w_round == "nearest"
+    assert resolve_config(nn.Conv2d(8, 8, 3), gptq).w_round == "gptq"
+    assert resolve_config(nn.Linear(8, 8), gptq).w_round == "gptq"
