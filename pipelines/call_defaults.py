@@ -35,13 +35,10 @@ def _read_json(path: Path) -> Any:
 def _folder_defaults(folder: Path, depth: int = 0) -> dict[str, Any]:
     """Defaults of a local folder: a bundled model's own folder, a checkpoint's recorded defaults,
     or (for checkpoints older than :data:`FILE`) those of the model its ``diffq_report.json`` names."""
-    try:
-        resolved = folder.expanduser().resolve()
-    except OSError:
-        return {}
-    for bundled_folder, defaults in _bundled().values():
-        if bundled_folder.resolve() == resolved:
-            return dict(defaults)
+    resolved = folder.expanduser()
+    name = bundled_name(resolved)
+    if name is not None:
+        return dict(_bundled()[name][1])
     recorded = _read_json(resolved / FILE)
     if isinstance(recorded, dict):
         return recorded
