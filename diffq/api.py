@@ -6,6 +6,7 @@ import inspect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields as dataclass_fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from diffq.pipelines.serialization import (
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.planning import PlanInputs, build_plan, with_temporal_layers
 from diffq.presets import Recipe, get_preset, temporal_config, weight_only_config
+from diffq.selection import LayerSelection, Patterns
 from diffq.sensitivity import Candidate, Sensitivity, SensitivityMetric, check_metric, default_candidates
 from diffq.validation import finite_number, mapping, of_type, path_like, whole_number
 
@@ -123,6 +125,8 @@ def allocate(
     num_inference_steps: int = 8,
     call_kwargs: Mapping[str, Any] | None = None,
     temporal_bits: int | None = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
     progress: bool = True,
     **overrides: Any,
 ) -> QuantPlan:
@@ -138,16 +142,18 @@ def allocate(
     ``prompts`` (default: the first four calibration prompts) at ``num_inference_steps`` with
     ``call_kwargs``, and the one closer to full precision is returned (see its ``note``).
     ``overrides`` replace fields of a uniform preset's :class:`LayerConfig` (e.g. ``a_mode="dynamic"``).
-    ``temporal_bits`` adds the temporal modulation layers, weight-only (see :func:`quantize`).
+    ``temporal_bits`` adds the temporal modulation layers, weight-only, and ``include`` /
+    ``exclude`` narrow the layers planned (see :func:`quantize`).
     """
     of_type(stats, "stats", CalibrationStats, "CalibrationStats from diffq.calibrate, or None", optional=True)
     _check_plan_numbers(budget, content_share)
     _check_overrides(overrides)
+    selection = LayerSelection.of(include, exclude)
     temporal = temporal_config(temporal_bits) if temporal_bits is not None else None
     bare = not _is_pipeline(target)
     model = target if bare else denoiser_of(target)
     adapter = _adapter(model, bare=bare)
-    layers, kept = adapter.layers(model)
+    layers, kept = selection.apply(*adapter.layers(model))
     recipe, inputs = get_preset(preset), PlanInputs(layers, kept, stats, adapter.concat_splits(model))
     call_kwargs = dict(call_kwargs or {})
     if sensitivity is not None and not isinstance(sensitivity, Sensitivity):
@@ -162,7 +168,12 @@ def allocate(
             target, recipe, plan, inputs, sensitivity, budget, probe_prompts, num_inference_steps,
             progress=progress, **call_kwargs,
         )
-    return plan if temporal is None else with_temporal_layers(plan, adapter.temporal_layers(model), temporal)
+    if selection:
+        plan = replace(plan, selection=selection.to_dict())
+    if temporal is None:
+        return plan
+    temporal_layers = {n: m for n, m in adapter.temporal_layers(model).items() if selection.allows(n, m)}
+    return with_temporal_layers(plan, temporal_layers, temporal)
 
 
 def sensitivity(
@@ -176,6 +187,8 @@ def sensitivity(
     cache: str | os.PathLike | None = "auto",
     shard: tuple[int, int] = (0, 1),
     metric: SensitivityMetric = "decoupled",
+    include: Patterns = None,
+    exclude: Patterns = None,
     progress: bool = True,
     overwrite: bool = False,
     **call_kwargs: Any,
@@ -188,12 +201,13 @@ def sensitivity(
     after every layer (``"auto"``: under ``$DIFFQ_CACHE`` or ``~/.cache/diffq``; ``None``: no file).
     A rerun with the same settings continues where an interrupted one stopped (as ``diffq eval``
     does); a file at ``cache`` that is not an analysis is refused unless ``overwrite=True``.
+    ``include`` / ``exclude`` limit the layers analysed (see :func:`quantize`).
     """
     check_metric(metric)
     whole_number(num_inference_steps, "num_inference_steps")
     of_type(stats, "stats", CalibrationStats, "CalibrationStats from diffq.calibrate, or None", optional=True)
     denoiser = denoiser_of(pipe)
-    layers, _ = adapter_for(denoiser).layers(denoiser)
+    layers, _ = LayerSelection.of(include, exclude).apply(*adapter_for(denoiser).layers(denoiser))
     prompts = list(prompts) if prompts is not None else default_prompts(pipe)[:4]
     candidates = _candidates(candidates) if candidates is not None else default_candidates()
     if stats is None:
@@ -288,6 +302,8 @@ def quantize(
     sensitivity: Sensitivity | str | os.PathLike | None = None,
     sensitivity_metric: SensitivityMetric = "decoupled",
     components: Sequence[str] | None = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
     temporal_bits: int | None = None,
     check: bool = True,
     progress: bool = True,
@@ -321,6 +337,13 @@ def quantize(
         components: pipeline components to quantize (default: the denoiser). Others, such as
             ``"text_encoder"`` or ``"text_encoder_2"`` (T5 in Flux/SD3/PixArt), are quantized
             weight-only with the preset's weight bits.
+        include: quantize only the layers these patterns match: globs on layer names, where a
+            parent's name selects its layers (``"transformer_blocks"``, ``"down_blocks.*.attentions"``),
+            or ``"class:Conv2d"`` / ``nn.Conv2d`` for a layer type (:mod:`diffq.selection`).
+        exclude: keep the layers these patterns match in 16-bit (``exclude="class:Conv2d"``: every
+            convolution). Layers the model's adapter keeps (first/last layers, embeddings) stay
+            16-bit either way; the plan records the patterns, its ``skipped`` says why each layer
+            was left out, and a pattern that matches nothing is an error.
         temporal_bits: the denoiser's temporal modulation layers (AdaLN modulation, ResNet time
             projections), kept in 16-bit by default, are quantized weight-only: ``8`` per channel or
             ``4`` in groups of 64. On Flux.1 they hold 27% of the weights (README, "Presets").
@@ -339,6 +362,7 @@ def quantize(
     whole_number(num_calibration_steps, "num_calibration_steps")
     _check_plan_numbers(budget, None)
     load_kwargs = mapping(load_kwargs, "load_kwargs")
+    selection = LayerSelection.of(include, exclude)
     overrides = {}
     if activations is not None:
         if activations not in ("dynamic", "static"):
@@ -363,6 +387,8 @@ def quantize(
     if temporal_bits is not None:
         temporal_config(temporal_bits)
     layers, _kept = _adapter(denoiser, bare=not is_pipe).layers(denoiser)
+    if layers:
+        layers, _kept = selection.apply(layers, _kept)
     if not layers:
         raise UnsupportedTargetError(f"{type(denoiser).__name__} has no Linear or Conv2d layer that diffq can quantize.")
     if recipe.is_mixed and not is_pipe:
@@ -376,12 +402,12 @@ def quantize(
     if recipe.is_mixed and sensitivity is None:
         sensitivity = _measure_sensitivity(
             resolved, stats, recipe.candidates, probe_prompts, num_inference_steps=num_calibration_steps,
-            metric=sensitivity_metric, progress=progress, **calibration_kwargs,
+            metric=sensitivity_metric, include=include, exclude=exclude, progress=progress, **calibration_kwargs,
         )
     plan = allocate(
         resolved, stats, preset=recipe, budget=budget, sensitivity=sensitivity, check=check, prompts=probe_prompts,
         num_inference_steps=num_calibration_steps, call_kwargs=calibration_kwargs, temporal_bits=temporal_bits,
-        progress=progress, **overrides,
+        include=include, exclude=exclude, progress=progress, **overrides,
     )
     convert(resolved, plan, stats, progress=progress)
 

@@ -89,7 +89,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts)
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
                    temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
-                   check=not args.no_check, progress=not args.no_progress)
+                   include=args.include, exclude=args.exclude, check=not args.no_check, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     plan = diffq.pipelines.serialization.plan_of(diffq.pipelines.denoiser_of(pipe))
     report = {
@@ -98,6 +98,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "denoiser": type(diffq.pipelines.denoiser_of(pipe)).__name__,
         "quantized_layers": len(plan.layers),
         "kept_layers": plan.skipped,
+        "selection": plan.selection or None,
         "temporal_bits": args.temporal_bits,
         "sensitivity_metric": args.sensitivity_metric if diffq.get_preset(args.preset).is_mixed else None,
         "weight_bytes_fp": fp_bytes,
@@ -218,7 +219,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     check_file_target(out, overwrite=args.overwrite, replaceable=is_sensitivity_file)
     result = diffq.sensitivity(
         pipe, None, candidates, prompts, num_inference_steps=args.steps, cache=part, shard=(index, count),
-        metric=args.metric, progress=not args.no_progress and is_main, overwrite=args.overwrite, **call,
+        metric=args.metric, include=args.include, exclude=args.exclude, progress=not args.no_progress and is_main,
+        overwrite=args.overwrite, **call,
     )
     if count > 1:
         parts = gather_objects([result], state)
@@ -254,12 +256,13 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     stats = diffq.calibrate(pipe, prompts, num_inference_steps=args.steps, progress=not args.no_progress, **call)
     sens = args.sensitivity or diffq.sensitivity(  # only the candidates this preset chooses among
         pipe, stats, diffq.get_preset(preset).candidates, prompts[:4] if prompts else None,
-        num_inference_steps=args.steps, metric=args.sensitivity_metric, progress=not args.no_progress, **call,
+        num_inference_steps=args.steps, metric=args.sensitivity_metric, include=args.include, exclude=args.exclude,
+        progress=not args.no_progress, **call,
     )
     plan = diffq.allocate(pipe, stats, preset=preset, budget=args.budget if preset == "mixed" else None,
                           sensitivity=sens, check=not args.no_check, prompts=prompts[:4] if prompts else None,
                           num_inference_steps=args.steps, call_kwargs=call, temporal_bits=args.temporal_bits,
-                          progress=not args.no_progress)
+                          include=args.include, exclude=args.exclude, progress=not args.no_progress)
     print(plan.table())
     if args.out:
         plan.save(args.out, overwrite=args.overwrite)
@@ -284,6 +287,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def layer_selection_flags(p: argparse.ArgumentParser) -> None:
+    """``--include`` / ``--exclude``, repeatable: the layers to quantize (diffq.selection)."""
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="quantize only layers matching this glob on layer names (a parent's name selects its "
+                        "layers, e.g. 'transformer_blocks') or 'class:Linear'; repeatable")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="keep layers matching this pattern in 16-bit, e.g. 'class:Conv2d' (every convolution) "
+                        "or 'time_embedding'; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import diffq
 
@@ -302,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompts", help="calibration prompts, one per line")
     q.add_argument("--calibration-steps", type=POSITIVE, default=8)
     q.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
+    layer_selection_flags(q)
     q.add_argument("--sensitivity-metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     q.add_argument("--no-progress", action="store_true")
@@ -358,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--candidates", help="comma-separated, e.g. w2a8,w4a8,w4a8r32,w8a8 (default: all)")
     s.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU exists")
     s.add_argument("--metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
+    layer_selection_flags(s)
     pipeline_call_flags(s)
     s.set_defaults(func=cmd_sensitivity)
 
@@ -369,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plot", help="folder for bits_per_layer.png")
     a.add_argument("--out", help="write the QuantPlan JSON here")
     a.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
+    layer_selection_flags(a)
     a.add_argument("--sensitivity-metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     a.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     pipeline_call_flags(a)

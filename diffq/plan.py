@@ -112,13 +112,15 @@ class QuantPlan:
     """Per-layer quantization settings of one denoiser, plus the layers kept in 16-bit and why.
 
     ``note`` says how the plan was chosen when that is worth keeping with it (mixed precision
-    records its end-to-end check against the uniform plan).
+    records its end-to-end check against the uniform plan). ``selection`` holds the ``include`` /
+    ``exclude`` patterns the layers were chosen with (:mod:`diffq.selection`), when any were given.
     """
 
     preset: str
     layers: dict[str, LayerConfig] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    selection: dict[str, list[str]] = field(default_factory=dict)
 
     def with_layer(self, name: str, config: LayerConfig) -> QuantPlan:
         """A copy with one layer's config replaced."""
@@ -137,7 +139,8 @@ class QuantPlan:
             "preset": self.preset,
             "layers": {name: cfg.to_dict() for name, cfg in self.layers.items()},
             "skipped": dict(self.skipped),
-        } | ({"note": self.note} if self.note else {})
+        } | ({"note": self.note} if self.note else {}) | (
+            {"selection": {key: list(value) for key, value in self.selection.items()}} if self.selection else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
@@ -146,8 +149,9 @@ class QuantPlan:
             if version > PLAN_FORMAT_VERSION:
                 raise CheckpointError(f"plan format {version} is newer than this diffq understands; upgrade diffq.")
             layers = {name: LayerConfig.from_dict(cfg) for name, cfg in data["layers"].items()}
+            selection = {str(key): [str(p) for p in value] for key, value in data.get("selection", {}).items()}
             return cls(preset=data["preset"], layers=layers, skipped=dict(data.get("skipped", {})),
-                       note=str(data.get("note", "")))
+                       note=str(data.get("note", "")), selection=selection)
         except (KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"not a valid diffq QuantPlan ({err!r}); the checkpoint may be corrupt.") from err
 
@@ -185,6 +189,8 @@ class QuantPlan:
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.selection:
+            lines.insert(0, "layers chosen with " + " ".join(f"{k}={v}" for k, v in self.selection.items()))
         if self.note:
             lines.insert(0, f"{self.preset}: {self.note}")
         return "\n".join(lines)

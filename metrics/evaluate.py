@@ -60,9 +60,13 @@ def _flag(value: str) -> bool:
     raise ValueError(f"{value!r} is not true or false")
 
 
+def _pattern_list(value: str) -> list[str]:
+    return [p for p in value.split("|") if p]
+
+
 PRESET_OPTIONS = {
     "rank": int, "activations": str, "budget": float, "sensitivity": str, "sensitivity_metric": str, "check": _flag,
-    "temporal_bits": int, "weight_rounding": str,
+    "temporal_bits": int, "weight_rounding": str, "include": _pattern_list, "exclude": _pattern_list,
 }
 
 Method = Callable[[Any], int | None]
@@ -97,7 +101,9 @@ def parse_presets(presets: str | Sequence[str]) -> list[str]:
     ``w4.0a8:check=false`` (the integer program's plan without the end-to-end check),
     ``w4.0a8:sensitivity_metric=image`` (layers scored by final-image PSNR, not MixDQ's two metrics),
     ``w4a8:temporal_bits=8`` (the temporal modulation layers weight-only too),
-    ``w4a8:weight_rounding=gptq`` (GPTQ rounding of the weights).
+    ``w4a8:weight_rounding=gptq`` (GPTQ rounding of the weights),
+    ``w4a8:exclude=class:Conv2d|time_embedding`` (layers kept in 16-bit, ``|``-separated patterns;
+    ``include=`` likewise).
     """
     import diffq
 
