@@ -82,9 +82,10 @@ def test_quantize_with_gptq_rounding_saves_and_reloads_bit_for_bit(tmp_path):
     pipe = tiny_sd_pipeline()
     reference = run_tiny(pipe)
     nearest = diffq.quantize(tiny_sd_pipeline(), "w4a16", calibration=TINY_PROMPTS[:2], num_calibration_steps=2,
-                             progress=False, **tiny_call_kwargs(pipe))
+                             progress=False, weight_rounding="nearest", **tiny_call_kwargs(pipe))
+    assert {c.w_round for c in plan_of(denoiser_of(nearest)).layers.values()} == {"nearest"}
     diffq.quantize(pipe, "w4a16", calibration=TINY_PROMPTS[:2], num_calibration_steps=2, progress=False,
-                   weight_rounding="gptq", **tiny_call_kwargs(pipe))
+                   **tiny_call_kwargs(pipe))  # GPTQ is w4a16's default
     plan = plan_of(denoiser_of(pipe))
     assert {config.w_round for config in plan.layers.values()} == {"gptq"}
     images = run_tiny(pipe)
@@ -94,6 +95,12 @@ def test_quantize_with_gptq_rounding_saves_and_reloads_bit_for_bit(tmp_path):
     assert np.array_equal(run_tiny(diffq.load(tmp_path / "q")), images)
     with pytest.raises(diffq.QuantizationInputError, match="weight_rounding"):
         diffq.quantize(tiny_sd_pipeline(), "w4a16", weight_rounding="best")
+
+
+def test_gptq_is_the_default_of_the_calibrated_4_bit_presets_only():
+    rounding = {name: diffq.get_preset(name).layer.w_round for name in diffq.available_presets()}
+    assert {n for n, r in rounding.items() if r == "gptq"} == {"w4a8", "w4a16", "w4a4"}
+    assert rounding["w8a8"] == rounding["w4a8-rtn"] == rounding["mixed"] == "nearest"
 
 
 def test_a_grouped_convolution_keeps_nearest_rounding():
