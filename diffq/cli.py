@@ -79,6 +79,8 @@ def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import diffq
+    from diffq.pipelines.calibrate import default_prompts
+    from diffq.pipelines.model_card import card_file_name, layer_parameter_counts, model_card
     from diffq.pipelines.serialization import check_save_target, save_quantized
 
     start = time.perf_counter()
@@ -86,7 +88,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_save_target(pipe, out, overwrite=args.overwrite)  # before minutes of calibration, not after
     fp_bytes = diffq.weight_bytes(pipe)
+    layer_params = layer_parameter_counts(diffq.pipelines.denoiser_of(pipe))
     prompts = _read_prompts(args.prompts)
+    recipe = diffq.get_preset(args.preset)
+    calibration_prompts = len(prompts or default_prompts(pipe)) if recipe.needs_calibration() else None
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
                    temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
                    include=args.include, exclude=args.exclude, check=not args.no_check, progress=not args.no_progress)
@@ -100,14 +105,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "kept_layers": plan.skipped,
         "selection": plan.selection or None,
         "temporal_bits": args.temporal_bits,
-        "sensitivity_metric": args.sensitivity_metric if diffq.get_preset(args.preset).is_mixed else None,
+        "sensitivity_metric": args.sensitivity_metric if recipe.is_mixed else None,
+        "calibration_prompts": calibration_prompts,
+        "calibration_steps": args.calibration_steps if calibration_prompts else None,
         "weight_bytes_fp": fp_bytes,
         "weight_bytes": diffq.weight_bytes(pipe),
         "compression": round(fp_bytes / max(diffq.weight_bytes(pipe), 1), 3),
         "seconds": round(seconds, 2),
     }
-    save_quantized(pipe, out, overwrite=args.overwrite,  # the report is part of the checkpoint, written with it
-                   extra_files={"diffq_report.json": json.dumps(report, indent=2) + "\n"})
+    files = {"diffq_report.json": json.dumps(report, indent=2) + "\n"}
+    card = card_file_name(out.expanduser().resolve())
+    if card != "README.md":  # a README.md of the user's (or one they edited) is carried over as it is
+        files["README.md"] = (out / "README.md").read_bytes()
+    files[card] = model_card(report, plan, layer_params, str(out))
+    save_quantized(pipe, out, overwrite=args.overwrite, extra_files=files)  # report and card inside the swap
     print(f"quantized {args.model} with {args.preset}: {report['quantized_layers']} layers, "
           f"denoiser {fp_bytes / 2**20:.2f} MiB -> {report['weight_bytes'] / 2**20:.2f} MiB "
           f"({report['compression']}x) in {seconds:.1f}s; saved to {out}")
@@ -304,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffq {diffq.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and save it with DIR/diffq_report.json")
+    q = sub.add_parser("quantize", help="quantize a model and save it with a model card (DIR/README.md) and DIR/diffq_report.json")
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="bundled name, Hub id or local folder")
     q.add_argument("--preset", default="w4a8", help=f"one of {', '.join(diffq.available_presets())}")
     q.add_argument("--out", required=True,

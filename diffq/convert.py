@@ -68,7 +68,7 @@ def _weight_to_quantize(
     smooth = None
     if config.smooth_alpha is not None:
         channel_weight = layer.weight if linear else conv_channel_weight(layer)
-        smooth = smoothing_vector(stats.channel_absmax(name), channel_weight, config.smooth_alpha)
+        smooth = smoothing_vector(stats.channel_absmax(name), channel_weight.detach(), config.smooth_alpha)
     weight2d = layer.weight.float().reshape(layer.weight.shape[0], -1)
     if smooth is not None:
         weight2d = weight2d * smooth.repeat_interleave(taps)

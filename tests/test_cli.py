@@ -68,3 +68,20 @@ def test_calibrate_plots_and_saves(float_folder, tmp_path):
 
     stats = CalibrationStats.load(stats_path)
     assert all(len({t for t, _ in steps}) == 3 for steps in stats.layers.values())
+
+
+def test_quantize_writes_a_model_card_and_keeps_a_users_readme(float_folder, tmp_path):
+    out = tmp_path / "q"
+    args = ["quantize", str(float_folder), "--preset", "w8a8-rtn", "--out", str(out), "--calibration-steps", "2",
+            "--no-progress"]
+    assert main(args) == 0
+    card = (out / "README.md").read_text()
+    assert "`w8a8-rtn`" in card and "## Bits per layer" in card and "| int8 per channel | int8 static |" in card
+    assert "Calibration: 4 prompt(s) × 2 denoising steps" in card and "diffq eval " in card and f'diffq.load("{out}")' in card
+    assert "16-bit (kept)" in card and "first layer" in card
+    assert main(args) == 0  # our own card is replaced
+    assert "## Bits per layer" in (out / "README.md").read_text() and not (out / "DIFFQ_MODEL_CARD.md").exists()
+    (out / "README.md").write_text("my notes on this checkpoint\n")
+    assert main(args) == 0  # a card the user edited is theirs now: kept, ours goes beside it
+    assert (out / "README.md").read_text() == "my notes on this checkpoint\n"
+    assert "## Load it" in (out / "DIFFQ_MODEL_CARD.md").read_text()
