@@ -17,6 +17,7 @@ from diffq.errors import (
 )
 from diffq.formats import IntFormat
 from diffq.modules import QuantizedConv2d, QuantizedLinear
+from diffq.pipelines.backend import DiffQConfig
 from diffq.pipelines.backend import register as _register_diffusers_backend
 from diffq.pipelines.plan_check import PlanCheckWarning
 from diffq.plan import LayerConfig, QuantPlan
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationStats",
     "CheckpointError",
+    "DiffQConfig",
     "DiffQError",
     "IntFormat",
     "LayerConfig",

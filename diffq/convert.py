@@ -135,28 +135,35 @@ def convert_model(
     """
     planned = _planned_layers(model, plan, QuantizationInputError, "Allocate a plan for this one (diffq.allocate).")
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
-        layer = planned[name]
-        _check_float(layer, repr(name))
-        needs_stats = config.static_activations or config.smooth_alpha is not None or config.bos or (
-            config.w_round == "gptq")
-        if needs_stats and stats is None:
-            raise QuantizationInputError(
-                f"layer {name!r} needs calibration statistics (static activations, smoothing, BOS or GPTQ); "
-                "calibrate first, or use an -rtn preset with activations='dynamic'."
-            )
-        quantized_cls = _quantized_class(layer, name)
-        rows = stats.sample(name) if stats is not None else None
-        smooth, weight2d, lowrank, importance = _weight_to_quantize(name, layer, config, stats, rows)
-        clip = _weight_clip(layer, config, weight2d, importance)
-        bos = stats.bos.get(name) if config.bos else None
-        hessian = _gptq_hessian(name, config, rows, smooth)
-        quantized = quantized_cls.from_float(layer, config, smooth=smooth, clip_ratio=clip, bos_input=bos,
-                                             lowrank=lowrank, hessian=hessian)
-        if config.static_activations:
-            table, bounds = _activation_scales(name, config, stats, smooth, quantized.input_channels)
-            quantized.set_activation_scale(table, bounds)
-        model.set_submodule(name, quantized)
+        model.set_submodule(name, convert_layer(name, planned[name], config, stats))
     return model
+
+
+def needs_statistics(config: LayerConfig) -> bool:
+    """Whether quantizing a layer with ``config`` reads calibration statistics."""
+    return config.static_activations or config.smooth_alpha is not None or config.bos or config.w_round == "gptq"
+
+
+def convert_layer(name: str, layer: nn.Module, config: LayerConfig, stats: CalibrationStats | None) -> nn.Module:
+    """The quantized twin of one float layer (``layer`` is read, not modified)."""
+    _check_float(layer, repr(name))
+    if needs_statistics(config) and stats is None:
+        raise QuantizationInputError(
+            f"layer {name!r} needs calibration statistics (static activations, smoothing, BOS or GPTQ); "
+            "calibrate first, or use an -rtn preset with activations='dynamic'."
+        )
+    quantized_cls = _quantized_class(layer, name)
+    rows = stats.sample(name) if stats is not None else None
+    smooth, weight2d, lowrank, importance = _weight_to_quantize(name, layer, config, stats, rows)
+    clip = _weight_clip(layer, config, weight2d, importance)
+    bos = stats.bos.get(name) if config.bos else None
+    hessian = _gptq_hessian(name, config, rows, smooth)
+    quantized = quantized_cls.from_float(layer, config, smooth=smooth, clip_ratio=clip, bos_input=bos,
+                                         lowrank=lowrank, hessian=hessian)
+    if config.static_activations:
+        table, bounds = _activation_scales(name, config, stats, smooth, quantized.input_channels)
+        quantized.set_activation_scale(table, bounds)
+    return quantized
 
 
 def convert_structure(model: nn.Module, plan: QuantPlan) -> nn.Module:
