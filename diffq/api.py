@@ -325,9 +325,9 @@ def quantize(
         rank: rank of the 16-bit low-rank branch on Linear and Conv2d layers (``w4a4`` uses 32;
             ``0`` = none).
         weight_rounding: ``"nearest"`` or ``"gptq"`` to override how the preset rounds weights onto
-            their grid; GPTQ moves each input column's rounding error onto the columns not yet
-            rounded, against the Hessian of the calibration inputs (:mod:`diffq.gptq`), and
-            needs calibration.
+            their grid (``w4a8``, ``w4a16`` and ``w4a4`` use GPTQ, the others nearest); GPTQ moves
+            each input column's rounding error onto the columns not yet rounded, against the
+            Hessian of the calibration inputs (:mod:`diffq.gptq`), and needs calibration.
         budget: average weight bits for ``preset="mixed"``.
         sensitivity: a precomputed :class:`Sensitivity` (or its file) for mixed precision;
             otherwise it is measured (and cached, see :func:`sensitivity`).
