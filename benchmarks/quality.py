@@ -1,4 +1,4 @@
-"""Quality against weight bytes on the bundled models: diffq's presets next to optimum-quanto and torchao.
+"""Quality against weight bytes on the bundled models: diffq's presets next to optimum-quanto, torchao, NVIDIA ModelOpt and SDNQ.
 
     python benchmarks/quality.py [--models digits-sd,digits-dit] [--num-images 64]
         [--presets w8a8-rtn,w8a8,w4a8-rtn,w4a8,w4a4,w4.0a8,w3.5a8] [--peers quanto-w8a8,...|none]
@@ -7,23 +7,41 @@
 One :func:`diffq.metrics.evaluate.evaluate` run per model: full precision, every diffq preset and
 every peer configuration generate the same prompts with the same per-image seeds, and are scored
 alike (``fid``, ``alignment``, ``psnr_vs_fp``, ``ssim_vs_fp``) next to the denoiser's weight bytes.
-Peers quantize the denoiser only, as diffq does, with their default module selection:
+Peers quantize the denoiser only, as diffq does (their code is in ``peers.py``). "Calibrated" below
+means: the pipeline runs on the prompts and steps diffq calibrates with (the model's default
+calibration prompts, 8 steps each).
 
-* ``quanto-w8a8``: optimum-quanto ``quantize(denoiser, weights=qint8, activations=qint8)``, then the
-  pipeline runs under quanto's ``Calibration()`` on the prompts and steps diffq calibrates with (the
-  model's default calibration prompts, 8 steps each), then ``freeze``;
-* ``quanto-w4a16`` (and ``quanto-w8a16``): ``weights=qint4`` (``qint8``), no activations, ``freeze``;
+* ``quanto-w8a8``: optimum-quanto ``quantize(denoiser, weights=qint8, activations=qint8)``, calibrated
+  under quanto's ``Calibration()``, then ``freeze``; ``quanto-w4a16`` (and ``quanto-w8a16``):
+  ``weights=qint4`` (``qint8``), no activations, ``freeze``. optimum-quanto is deprecated in
+  diffusers (since 2026-03); it stays for comparison with earlier results.
 * ``torchao-w8a8``: torchao ``quantize_(denoiser, Int8DynamicActivationInt8WeightConfig())``
-  (int8 weights, dynamic per-token int8 activations);
-* ``torchao-w8a16``: ``Int8WeightOnlyConfig()``;
-* ``torchao-w4a16``: ``Int4WeightOnlyConfig(group_size=128)`` — torchao's int4 weight-only config;
-* ``torchao-w4a16-intx``: ``IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))``,
+  (int8 weights, dynamic per-token int8 activations); ``torchao-w8a16``: ``Int8WeightOnlyConfig()``;
+  ``torchao-w4a16``: ``Int4WeightOnlyConfig(group_size=128)`` (needs CUDA);
+  ``torchao-w4a16-intx``: ``IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))``,
   torchao's int4 path for CPUs (it stores one code per byte).
+* NVIDIA ModelOpt, ``mtq.quantize(denoiser, CONFIG, forward_loop)`` with the calibration passes as
+  ``forward_loop``: ``modelopt-int8-sq`` (``INT8_SMOOTHQUANT_CFG``), ``modelopt-w4a8-awq``
+  (``W4A8_AWQ_BETA_CFG``), ``modelopt-int4-awq`` (``INT4_AWQ_CFG``, weight-only),
+  ``modelopt-nvfp4-svdquant`` (``NVFP4_SVDQUANT_DEFAULT_CFG``) and ``modelopt-w4a8-nvfp4-fp8``
+  (``W4A8_NVFP4_FP8_CFG``); the two NVFP4 ones need CUDA (ModelOpt 0.47's dynamic block
+  quantization asserts a CUDA ``amax``).
+* SDNQ ``sdnq_post_load_quant(denoiser, weights_dtype=...)`` (weight-only, no calibration):
+  ``sdnq-int8``, ``sdnq-uint4`` and ``sdnq-uint4-svd`` (``use_svd=True`` at SDNQ's default rank 32).
 
-Weight bytes of peers count what their quantized tensors hold (packed data, scales, zero points:
-``memory.stored_bytes``), not the dense size their tensor subclasses report. A configuration that
-cannot run here (a library not installed — ``pip install -e '.[bench]'`` — or a kernel missing on
-this device) is listed with the error it gave.
+Scope: a bare ModelOpt/SDNQ name uses the library's default module selection (ModelOpt: every Linear
+and Conv2d but ``*proj_out.*``; SDNQ: Linear layers of at least 16384 weights and 32 input
+channels, no convolutions, its skip keys); ``NAME@diffq`` quantizes exactly the layers diffq
+quantizes (convolutions included; first/last layers, time/condition embeddings and the layers
+reading the timestep embedding stay float). quanto and torchao run at their defaults only.
+
+Weight bytes of peers count what they store: quanto's and torchao's tensor subclasses by their
+packed data, scales and zero points (``memory.stored_bytes``), not the dense size they report;
+SDNQ's plain packed tensors, scales, zero points and SVD factors as they are; ModelOpt's
+fake-quantized models as its export writes them (``peers.modelopt_stored_bytes``: packed codes,
+float32 scales, ``pre_quant_scale`` vectors, SVDQuant factors; its quantizers' calibration buffers
+not counted). A configuration that cannot run here (a library not installed —
+``pip install -e '.[bench]'`` — or a kernel missing on this device) is listed with the error it gave.
 
 Mixed precision (``w4.0a8``, ``w3.5a8``) runs diffq's per-layer sensitivity analysis first (slow;
 cached under ``~/.cache/diffq``) unless ``--sensitivity`` gives a saved one (``diffq.sensitivity``
@@ -39,123 +57,15 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from common import DEFAULT_RESULTS, machine, machine_line, markdown, mib, write_results
-from memory import stored_bytes
+from peers import DEFAULT_PEERS, DEPRECATED, PEERS, PeerContext, library, scope_of
 
 MODELS = ["digits-sd", "digits-dit"]
 DIFFQ_PRESETS = ["w8a8-rtn", "w8a8", "w4a8-rtn", "w4a8", "w4a4", "w4.0a8", "w3.5a8"]
-CALIBRATION_STEPS = 8  # diffq.quantize's default num_calibration_steps
-
-
-@dataclass(frozen=True)
-class PeerContext:
-    """What a peer needs besides the pipeline: how to run calibration passes like diffq does."""
-
-    prompts: Sequence[str] | None = None  # None: the pipeline's default calibration prompts
-    steps: int = CALIBRATION_STEPS
-    seed: int = 0
-    call_kwargs: Mapping[str, Any] = field(default_factory=dict)  # on top of the bundled model's defaults
-
-
-def _calibration_passes(pipe: Any, ctx: PeerContext) -> None:
-    """Run ``pipe`` over the calibration prompts, one prompt per call, as ``diffq.calibrate`` does."""
-    from diffq.pipelines.calibrate import conditioning, default_call_kwargs, default_prompts
-
-    prompts = list(ctx.prompts) if ctx.prompts is not None else default_prompts(pipe)
-    kwargs = {**default_call_kwargs(pipe), **ctx.call_kwargs}
-    kwargs.pop("num_inference_steps", None)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            pipe(**conditioning(pipe, [prompt]), num_inference_steps=ctx.steps, output_type="latent",
-                 generator=torch.Generator("cpu").manual_seed(ctx.seed + i), **kwargs)
-
-
-def quanto(weights: str, activations: str | None = None) -> Callable[[PeerContext], Callable[[Any], int]]:
-    def make(ctx: PeerContext) -> Callable[[Any], int]:
-        def apply(pipe: Any) -> int:
-            from optimum import quanto as q
-
-            from diffq.pipelines import denoiser_of
-
-            denoiser = denoiser_of(pipe)
-            q.quantize(denoiser, weights=getattr(q, weights), activations=activations and getattr(q, activations))
-            if activations:
-                with q.Calibration():
-                    _calibration_passes(pipe, ctx)
-            q.freeze(denoiser)
-            return stored_bytes(denoiser)
-
-        return apply
-
-    return make
-
-
-def torchao(config: Callable[[], Any]) -> Callable[[PeerContext], Callable[[Any], int]]:
-    def make(ctx: PeerContext) -> Callable[[Any], int]:
-        def apply(pipe: Any) -> int:
-            from torchao.quantization import quantize_
-
-            from diffq.pipelines import denoiser_of
-
-            denoiser = denoiser_of(pipe)
-            quantize_(denoiser, config())
-            return stored_bytes(denoiser)
-
-        return apply
-
-    return make
-
-
-def _int8_dynamic():
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
-
-    return Int8DynamicActivationInt8WeightConfig()
-
-
-def _int8_weight_only():
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    return Int8WeightOnlyConfig()
-
-
-def _int4_weight_only():
-    from torchao.quantization import Int4WeightOnlyConfig
-
-    return Int4WeightOnlyConfig(group_size=128)
-
-
-def _intx4_weight_only():
-    from torchao.quantization import IntxWeightOnlyConfig
-    from torchao.quantization.granularity import PerGroup
-
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
-
-
-PEERS: dict[str, Callable[[PeerContext], Callable[[Any], int]]] = {
-    "quanto-w8a8": quanto("qint8", "qint8"),
-    "quanto-w8a16": quanto("qint8"),
-    "quanto-w4a16": quanto("qint4"),
-    "torchao-w8a8": torchao(_int8_dynamic),
-    "torchao-w8a16": torchao(_int8_weight_only),
-    "torchao-w4a16": torchao(_int4_weight_only),
-    "torchao-w4a16-intx": torchao(_intx4_weight_only),
-}
-DEFAULT_PEERS = ["quanto-w8a8", "quanto-w4a16", "torchao-w8a8", "torchao-w8a16", "torchao-w4a16",
-                 "torchao-w4a16-intx"]
-
-
-def library(method: str) -> str:
-    if method == "fp":
-        return "–"
-    return method.split("-")[0] if method in PEERS else "diffq"
 
 
 def preset_specs(presets: Sequence[str], sensitivity: str | None) -> list[str]:
@@ -199,6 +109,7 @@ def rows_of(model: str, report: dict[str, Any]) -> list[dict[str, Any]]:
         b = r["weight_bytes"]
         rows.append({
             "model": model, "method": display_name(method), "spec": method, "library": library(method),
+            "scope": scope_of(method),
             **{k: r[k] for k in ("fid", "alignment", "psnr_vs_fp", "ssim_vs_fp", "weight_bytes", "seconds")},
             "vs_fp": None if b is None else b / fp_bytes,
             "status": r.get("error") or "ok",
@@ -252,10 +163,13 @@ def render(rows: list[dict[str, Any]], data: dict[str, Any]) -> str:
     def f(value: float | None, spec: str) -> str | None:
         return None if value is None else format(value, spec)
 
+    def lib(name: str) -> str:
+        return f"{name} (deprecated)" if name in DEPRECATED else name
+
     table = markdown(
-        ["model", "method", "library", "FID ↓", "alignment ↑", "PSNR vs fp (dB) ↑", "SSIM vs fp ↑",
+        ["model", "method", "library", "scope", "FID ↓", "alignment ↑", "PSNR vs fp (dB) ↑", "SSIM vs fp ↑",
          "weights (MiB)", "x fp", "seconds", "status"],
-        [[r["model"], r["method"], r["library"], f(r["fid"], ".4g"), f(r["alignment"], ".3f"),
+        [[r["model"], r["method"], lib(r["library"]), r.get("scope", "–"), f(r["fid"], ".4g"), f(r["alignment"], ".3f"),
           f(r["psnr_vs_fp"], ".2f"), f(r["ssim_vs_fp"], ".3f"), mib(r["weight_bytes"]), f(r["vs_fp"], ".3f"),
           f(r["seconds"], ".1f"), "ok" if r["status"] == "ok" else "failed (below)"] for r in rows],
     )
@@ -267,9 +181,14 @@ def render(rows: list[dict[str, Any]], data: dict[str, Any]) -> str:
         f"+ image index) for every method; FID features: "
         + ", ".join(f"{m}: `{e}`" for m, e in extractors.items())
         + ". PSNR/SSIM against the full-precision images; weights: bytes the denoiser's tensors store "
-        "(x fp: against the float model); seconds: wall time of generation.",
+        "(x fp: against the float model); seconds: wall time of generation. Scope: a peer's own default "
+        "module selection, or `diffq` (`@diffq`: exactly the layers diffq quantizes).",
         table,
     ]
+    shown = {r["library"] for r in rows}
+    notes = [f"{name}: {why}." for name, why in DEPRECATED.items() if name in shown]
+    if notes:
+        parts.append(" ".join(notes))
     if failed:
         parts.append("Configurations that did not run here, with the error each gave:\n\n" + "\n".join(failed))
     parts.append(machine_line(data["machine"]))
@@ -287,21 +206,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
-    styles = {"diffq": ("tab:blue", "o"), "quanto": ("tab:orange", "s"), "torchao": ("tab:green", "^")}
+    styles = {"diffq": ("tab:blue", "o"), "quanto": ("tab:orange", "s"), "torchao": ("tab:green", "^"),
+              "modelopt": ("tab:red", "D"), "sdnq": ("tab:purple", "v")}
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
         for r in mine:
             if r["method"] == "fp" and r["weight_bytes"] is not None:
                 ax.axvline(r["weight_bytes"] / 2**20, color="gray", linestyle="--", label="fp weights")
         for lib, (color, marker) in styles.items():
-            points = [r for r in mine if r["library"] == lib and r["psnr_vs_fp"] is not None]
-            if not points:
-                continue
-            xs = [r["weight_bytes"] / 2**20 for r in points]
-            ys = [min(r["psnr_vs_fp"], 100.0) for r in points]
-            ax.scatter(xs, ys, color=color, marker=marker, label=lib, zorder=3)
-            for x, y, r in zip(xs, ys, points, strict=True):
-                ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for at_diffq in (False, True):  # a peer at diffq's scope: the same marker, hollow
+                points = [r for r in mine if r["library"] == lib and r["psnr_vs_fp"] is not None
+                          and (r.get("scope") == "diffq") == at_diffq]
+                if not points:
+                    continue
+                xs = [r["weight_bytes"] / 2**20 for r in points]
+                ys = [min(r["psnr_vs_fp"], 100.0) for r in points]
+                style = {"facecolors": "none", "edgecolors": color} if at_diffq else {"color": color}
+                ax.scatter(xs, ys, marker=marker, label=lib + (" @diffq" if at_diffq else ""), zorder=3, **style)
+                for x, y, r in zip(xs, ys, points, strict=True):
+                    ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_title(model)
         ax.set_xlabel("denoiser weights (MiB)")
         ax.set_ylabel("PSNR vs fp (dB)")

@@ -205,7 +205,7 @@ def _torchao(config: Callable[[], Any]) -> Callable[[nn.Module, Sequence[Mapping
 
 
 def _peer_configs() -> dict[str, Callable[[nn.Module, Sequence[Mapping]], dict]]:
-    from quality import _int4_weight_only, _int8_dynamic, _int8_weight_only, _intx4_weight_only
+    from peers import _int4_weight_only, _int8_dynamic, _int8_weight_only, _intx4_weight_only
 
     return {
         "quanto-w8a16": _quanto("qint8"),

@@ -30,6 +30,7 @@ import bits_curve  # noqa: E402
 import cpu  # noqa: E402
 import fid_robustness  # noqa: E402
 import memory  # noqa: E402
+import peers  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
 
@@ -148,8 +149,8 @@ def test_torchao_bytes_are_counted_from_inner_tensors(config):
     from torchao.quantization import quantize_
 
     model = _tiny_linear_model()
-    make = {"int8": quality._int8_weight_only, "int8-dynamic": quality._int8_dynamic,
-            "intx4": quality._intx4_weight_only}[config]
+    make = {"int8": peers._int8_weight_only, "int8-dynamic": peers._int8_dynamic,
+            "intx4": peers._intx4_weight_only}[config]
     expected = (memory.torchao_intx4_bytes if config == "intx4" else memory.torchao_int8_bytes)(model)
     dense = memory.stored_bytes(model)
     quantize_(model, make())
