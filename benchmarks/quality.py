@@ -117,6 +117,53 @@ def rows_of(model: str, report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+PROMPT_SETS = ("held-out", "calibration", "bundled")
+CALIBRATION_PROMPTS = 8  # the bundled models calibrate on their first 8 evaluation prompts (default_prompts)
+
+
+PROMPT_SET_TEXT = {
+    "held-out": "the bundled evaluation prompts after the 8 every method calibrated on (held out)",
+    "calibration": "the 8 prompts every method calibrated on, cycled (seeds differ from calibration's past the 8th)",
+    "bundled": "the bundled evaluation prompts from the first, the first 8 being the calibration prompts",
+}
+
+
+def prompts_of(prompt_set: str, num_images: int) -> list[tuple[str, int]]:
+    """The bundled ``(prompt, digit)`` pairs of a prompt set (``evaluate`` cycles a short list)."""
+    from diffq.pipelines.reference import eval_prompts
+
+    if prompt_set == "held-out":
+        return eval_prompts(num_images + CALIBRATION_PROMPTS)[CALIBRATION_PROMPTS:]
+    if prompt_set == "calibration":
+        return eval_prompts(CALIBRATION_PROMPTS)
+    if prompt_set == "bundled":
+        return eval_prompts(num_images)
+    raise ValueError(f"unknown prompt set {prompt_set!r}; choose from {', '.join(PROMPT_SETS)}")
+
+
+def combine(folders: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One table, JSON and plot at ``out`` from the ``results.json`` of earlier runs (different models)."""
+    import json
+
+    parts = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
+    reports: dict[str, Any] = {}
+    for part in parts:
+        overlap = set(reports) & set(part["reports"])
+        if overlap:
+            raise ValueError(f"model(s) {sorted(overlap)} appear in more than one run; combine runs of different models")
+        reports.update(part["reports"])
+    settings = {(p["num_images"], p["seed"], p.get("prompt_set")) for p in parts}
+    if len(settings) > 1:
+        raise ValueError(f"the runs used different images, seeds or prompt sets: {sorted(settings, key=str)}")
+    data = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "reports": reports,
+            "combined_from": [str(f) for f in folders]}
+    text = render(data["rows"], data)
+    write_results(out, text, data)
+    plot(data["rows"], out / "quality_vs_bytes.png")
+    print(text)
+    return data
+
+
 def run(
     models: Sequence[str],
     presets: Sequence[str],
@@ -128,12 +175,14 @@ def run(
     seed: int = 0,
     progress: bool = True,
     peer_context: PeerContext | None = None,
+    prompt_set: str | None = None,
     **evaluate_options: Any,
 ) -> dict[str, Any]:
     """Evaluate every model; write the tables, JSON and plot into ``out``; return the results.
 
-    ``evaluate_options`` go to :func:`diffq.metrics.evaluate.evaluate` (``batch_size``, and the
-    tests' ``pipeline_factory``, ``prompts``, ``call_kwargs``, ``classifier``, ``steps``).
+    ``prompt_set`` (:data:`PROMPT_SETS`) picks the bundled prompts; ``evaluate_options`` go to
+    :func:`diffq.metrics.evaluate.evaluate` (``batch_size``, and the tests' ``pipeline_factory``,
+    ``prompts``, ``call_kwargs``, ``classifier``, ``steps``).
     """
     from diffq.metrics.evaluate import evaluate
 
@@ -147,11 +196,13 @@ def run(
     for model in models:
         specs = preset_specs(presets, (sensitivity or {}).get(model))
         methods = {name: PEERS[name](ctx) for name in peers}
+        prompts = {"prompts": prompts_of(prompt_set, num_images)} if prompt_set else {}
         report = evaluate(model, ["fp", *specs], num_images, out_dir=out / model, seed=seed, progress=progress,
-                          methods=methods, **evaluate_options)
+                          methods=methods, **prompts, **evaluate_options)
         reports[model] = report
         rows += rows_of(model, report)
-    data = {"machine": info, "num_images": num_images, "seed": seed, "rows": rows, "reports": reports}
+    data = {"machine": info, "num_images": num_images, "seed": seed, "prompt_set": prompt_set or "given",
+            "rows": rows, "reports": reports}
     text = render(rows, data)
     write_results(out, text, data)
     plot(rows, out / "quality_vs_bytes.png")
@@ -178,7 +229,8 @@ def render(rows: list[dict[str, Any]], data: dict[str, Any]) -> str:
     parts = [
         "**Quality vs weight bytes, diffq and its peers** (`python benchmarks/quality.py`)",
         f"{data['num_images']} images per method and model, the same prompts and seeds (seed {data['seed']} "
-        f"+ image index) for every method; FID features: "
+        f"+ image index) for every method; prompts: {PROMPT_SET_TEXT.get(data.get('prompt_set'), 'as given')}; "
+        "FID features: "
         + ", ".join(f"{m}: `{e}`" for m, e in extractors.items())
         + ". PSNR/SSIM against the full-precision images; weights: bytes the denoiser's tensors store "
         "(x fp: against the float model); seconds: wall time of generation. Scope: a peer's own default "
@@ -257,6 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "quality", help="output folder")
+    parser.add_argument("--prompt-set", choices=PROMPT_SETS, default="held-out",
+                        help="held-out: the bundled evaluation prompts after the calibration ones (default); "
+                             "calibration: the prompts every method calibrated on, cycled; bundled: the bundled "
+                             "evaluation prompts from the first (which are the calibration prompts)")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="DIR",
+                        help="write one table and plot at --out from earlier runs' folders (e.g. one per model, "
+                             "run side by side) instead of running anything")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     models = _names(args.models, MODELS)
@@ -267,8 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     peers = _names(args.peers, DEFAULT_PEERS)
     if [p for p in peers if p not in PEERS]:
         parser.error(f"unknown peer in {peers}; choose from {', '.join(PEERS)}")
+    if args.combine:
+        data = combine(args.combine, args.out)
+        print(f"wrote {args.out}/results.md, results.json and quality_vs_bytes.png from {len(args.combine)} runs",
+              file=sys.stderr)
+        return 0
     data = run(models, _names(args.presets, DIFFQ_PRESETS), peers, args.num_images, args.out,
-               sensitivity=sensitivity, seed=args.seed, progress=not args.no_progress, batch_size=args.batch_size)
+               sensitivity=sensitivity, seed=args.seed, progress=not args.no_progress, batch_size=args.batch_size,
+               prompt_set=args.prompt_set)
     print(f"wrote {args.out}/results.md, results.json, quality_vs_bytes.png and one report folder per model "
           f"({', '.join(data['reports'])})", file=sys.stderr)
     return 0
