@@ -168,12 +168,14 @@ def _epilogue_store(acc, offs_m, offs_n, M, N, R, t_ptr, l2_ptr, bias_ptr, y_ptr
                     R_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """``acc + (x L1) @ L2 + bias``, stored in ``y``'s dtype."""
     if HAS_LORA:
-        offs_r = tl.arange(0, R_PAD)
-        t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=t_mask, other=0.0)
-        u_mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
-        u = tl.load(l2_ptr + offs_r[:, None] * stride_l2r + offs_n[None, :] * stride_l2n, mask=u_mask, other=0.0)
-        acc = _fdot(t.to(u.dtype), u, acc, L2_FP32, INTERPRET)
+        R_TILE: tl.constexpr = min(R_PAD, 64)
+        for r0 in tl.static_range(0, R_PAD, R_TILE):
+            offs_r = r0 + tl.arange(0, R_TILE)
+            t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=t_mask, other=0.0)
+            u_mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
+            u = tl.load(l2_ptr + offs_r[:, None] * stride_l2r + offs_n[None, :] * stride_l2n, mask=u_mask, other=0.0)
+            acc = _fdot(t.to(u.dtype), u, acc, L2_FP32, INTERPRET)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -360,11 +362,19 @@ def _gemm_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool = False) -
     return Blocks(block_m, 128, block_k, warps=warps, stages=4 if block_k <= 64 else 3)
 
 
-def _act_blocks(K: int, a_group: int | None) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_K)`` of the activation kernel (``BLOCK_K`` is the group when grouped)."""
+def _act_blocks(K: int, a_group: int | None, rank: int = 0) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_K)`` of the activation kernel (``BLOCK_K`` is the group when grouped).
+
+    Otherwise a K tile of ``L1`` holds at most 4096 elements (``BLOCK_K x R_PAD``): at
+    ``BLOCK_K=256`` a rank-32 branch spilled registers (255 registers, 232 B of stack on sm_90,
+    static or dynamic scales) and rank 256 asked for 274 KiB of shared memory;
+    ``tests/test_kernels_compiled.py`` compiles these for sm_80/sm_90 and checks.
+    """
     if a_group is not None:
         return 16, a_group
-    return 16, 64 if INTERPRET else 256
+    if INTERPRET:
+        return 16, 64
+    return 16, max(32, min(256, 4096 // _rank_pad(rank)))
 
 
 # --------------------------------------------------------------------------- routing
@@ -534,7 +544,7 @@ def act_quant_lowrank(
     t = torch.empty((M, r), dtype=torch.float32, device=dev) if r else None
     if not quant and not r:
         return None, None, None
-    block_m, block_k = _act_blocks(K, group_size if quant and not static else None)
+    block_m, block_k = _act_blocks(K, group_size if quant and not static else None, r)
     dummy = x2
     _act_kernel[(triton.cdiv(M, block_m),)](
         x2, dummy if smooth is None else smooth, dummy if lowrank_down is None else lowrank_down,
