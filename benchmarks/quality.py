@@ -142,21 +142,29 @@ def prompts_of(prompt_set: str, num_images: int) -> list[tuple[str, int]]:
 
 
 def combine(folders: Sequence[Path], out: Path) -> dict[str, Any]:
-    """One table, JSON and plot at ``out`` from the ``results.json`` of earlier runs (different models)."""
+    """One table, JSON and plot at ``out`` from the ``results.json`` of earlier runs: runs of different
+    models made side by side, or runs of one model with other methods (same images, seeds and prompt
+    set; a method already in an earlier run is taken from the first)."""
     import json
 
     parts = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
-    reports: dict[str, Any] = {}
-    for part in parts:
-        overlap = set(reports) & set(part["reports"])
-        if overlap:
-            raise ValueError(f"model(s) {sorted(overlap)} appear in more than one run; combine runs of different models")
-        reports.update(part["reports"])
     settings = {(p["num_images"], p["seed"], p.get("prompt_set")) for p in parts}
     if len(settings) > 1:
         raise ValueError(f"the runs used different images, seeds or prompt sets: {sorted(settings, key=str)}")
-    data = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "reports": reports,
-            "combined_from": [str(f) for f in folders]}
+    reports: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for part in parts:
+        for model, report in part["reports"].items():
+            merged = reports.setdefault(model, {**report, "results": {}})
+            merged["results"] = {**report["results"], **merged["results"]}
+        for row in part["rows"]:
+            if (row["model"], row["spec"]) not in seen:
+                seen.add((row["model"], row["spec"]))
+                rows.append(row)
+    order = list(dict.fromkeys(r["model"] for r in rows))
+    rows.sort(key=lambda r: (order.index(r["model"]), r["library"] != "–", r["library"] != "diffq"))
+    data = {**parts[0], "rows": rows, "reports": reports, "combined_from": [str(f) for f in folders]}
     text = render(data["rows"], data)
     write_results(out, text, data)
     plot(data["rows"], out / "quality_vs_bytes.png")

@@ -221,6 +221,40 @@ def test_quality_lists_a_failing_peer_with_its_error(tmp_path, monkeypatch, caps
     assert "`broken-w4a16` did not run: RuntimeError" in report
 
 
+def test_quality_prompt_sets_hold_out_the_calibration_prompts():
+    from diffq.pipelines.reference import eval_prompts
+
+    calibration = eval_prompts(quality.CALIBRATION_PROMPTS)
+    held_out = quality.prompts_of("held-out", 20)
+    assert len(held_out) == 20 and not set(held_out) & set(calibration)
+    assert quality.prompts_of("calibration", 20) == calibration
+    assert quality.prompts_of("bundled", 20)[:8] == calibration
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        quality.prompts_of("test", 4)
+
+
+def test_quality_combines_runs_of_other_models_and_other_methods(tmp_path):
+    def part(folder, model, methods, num_images=4):
+        rows = [{"model": model, "method": m, "spec": m, "library": "–" if m == "fp" else "diffq", "fid": 1.0,
+                 "alignment": 1.0, "psnr_vs_fp": None if m == "fp" else 30.0, "ssim_vs_fp": None,
+                 "weight_bytes": 100, "seconds": 1.0, "vs_fp": 1.0, "scope": None, "status": "ok"} for m in methods]
+        report = {"feature_extractor": "digit-classifier", "results": {m: {} for m in methods}}
+        data = {"machine": {}, "num_images": num_images, "seed": 0, "prompt_set": "held-out", "rows": rows,
+                "reports": {model: report}}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps(data))
+        return tmp_path / folder
+
+    a, b = part("a", "digits-sd", ["fp", "w4a8"]), part("b", "digits-sd", ["fp", "w8a16"])
+    data = quality.combine([a, b, part("c", "digits-dit", ["fp", "w4a8"])], tmp_path / "all")
+    assert [(r["model"], r["method"]) for r in data["rows"]] == [
+        ("digits-sd", "fp"), ("digits-sd", "w4a8"), ("digits-sd", "w8a16"), ("digits-dit", "fp"), ("digits-dit", "w4a8")]
+    assert set(data["reports"]["digits-sd"]["results"]) == {"fp", "w4a8", "w8a16"}
+    assert (tmp_path / "all" / "results.md").exists() and (tmp_path / "all" / "quality_vs_bytes.png").exists()
+    with pytest.raises(ValueError, match="different images"):
+        quality.combine([a, part("d", "digits-dit", ["fp"], num_images=8)], tmp_path / "bad")
+
+
 def test_quality_passes_the_sensitivity_file_to_mixed_presets(tmp_path):
     from diffq.metrics.evaluate import preset_spec
 
