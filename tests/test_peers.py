@@ -140,16 +140,23 @@ def test_modelopt_peers_on_a_tiny_dit(suffix, scope):
     assert counted < 0.55 * float_bytes if scope else counted < 0.35 * float_bytes
 
 
+def _tiny_unet_at_diffq_scope(peer: str):
+    """``(pipe, its unet, the unet's float bytes, the peer's counted bytes, diffq's layers)`` after ``peer`` quantized a
+    tiny SD pipeline, checked to have quantized exactly diffq's layers."""
+    pipe = tiny_sd_pipeline()
+    unet = denoiser_of(pipe)
+    float_bytes = stored_bytes(unet)
+    counted = peers.PEERS[peer](_context(pipe))(pipe)
+    layers = set(peers.diffq_scope(unet))
+    assert peers.quantized_modules(unet) == layers
+    return pipe, unet, float_bytes, counted, layers
+
+
 def test_modelopt_int8_sq_at_diffq_scope_on_a_unet():
     """On the UNet, diffq's scope includes the convolutions and the attention proj_out layers
     (ModelOpt's default leaves ``*proj_out.*`` out) and excludes conv_in/conv_out and the time layers."""
     pytest.importorskip("modelopt.torch.quantization")
-    pipe = tiny_sd_pipeline()
-    unet = denoiser_of(pipe)
-    float_bytes = stored_bytes(unet)
-    counted = peers.PEERS["modelopt-int8-sq@diffq"](_context(pipe))(pipe)
-    layers = set(peers.diffq_scope(unet))
-    assert peers.quantized_modules(unet) == layers
+    _pipe, unet, float_bytes, counted, layers = _tiny_unet_at_diffq_scope("modelopt-int8-sq@diffq")
     assert "down_blocks.0.attentions.0.proj_out" in layers and "conv_in" not in layers
     conv = unet.get_submodule("down_blocks.0.resnets.0.conv1")  # Conv2d(64, 64, 3): not smoothed
     assert peers.modelopt_module_bytes(conv) == 64 * 64 * 9 + 64 * F32 + F32 + 64 * F32
@@ -210,12 +217,7 @@ def test_sdnq_peers_on_a_tiny_dit(suffix, scope):
 
 def test_sdnq_at_diffq_scope_quantizes_the_unets_convolutions():
     pytest.importorskip("sdnq")
-    pipe = tiny_sd_pipeline()
-    unet = denoiser_of(pipe)
-    float_bytes = stored_bytes(unet)
-    counted = peers.PEERS["sdnq-uint4@diffq"](_context(pipe))(pipe)
-    layers = set(peers.diffq_scope(unet))
-    assert peers.quantized_modules(unet) == layers
+    pipe, unet, float_bytes, counted, layers = _tiny_unet_at_diffq_scope("sdnq-uint4@diffq")
     conv = unet.get_submodule("down_blocks.0.resnets.0.conv1")
     assert type(conv).__name__ == "SDNQConv2d"
     # uint4 codes two per byte; a float32 scale and zero point per group of 32 input channels and tap
