@@ -32,6 +32,7 @@ from diffq.pipelines.serialization import (
     quantized_component,
     save_quantized,
 )
+from diffq.pipelines.single_file import single_file_kwargs
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.planning import PlanInputs, build_plan, with_temporal_layers
 from diffq.presets import Recipe, get_preset, temporal_config, weight_only_config
@@ -308,6 +309,8 @@ def quantize(
     check: bool = True,
     progress: bool = True,
     load_kwargs: Mapping[str, Any] | None = None,
+    pipeline_class: type | str | None = None,
+    config: str | os.PathLike | None = None,
     **calibration_kwargs: Any,
 ):
     """Quantize a diffusion pipeline (or a bare denoiser) with a preset; returns it.
@@ -352,6 +355,10 @@ def quantize(
             precision (the plan's ``note`` says which, with both scores).
         progress: show progress bars.
         load_kwargs: passed to ``from_pretrained`` when diffq loads the pipeline.
+        pipeline_class: with a single-file checkpoint as target (``"model.safetensors"``), the
+            pipeline class diffusers' ``from_single_file`` builds (``StableDiffusionPipeline``, ...).
+        config: with a single file, a diffusers folder or Hub id of the same architecture that
+            supplies the configuration (and what the file lacks); needed offline.
         calibration_kwargs: passed to the pipeline call during calibration (``height``, ...).
 
     A pipeline or module you pass is modified **in place** (its denoiser's layers are swapped)
@@ -374,7 +381,7 @@ def quantize(
         if weight_rounding not in ("nearest", "gptq"):
             raise QuantizationInputError(f"weight_rounding={weight_rounding!r}; use 'nearest' or 'gptq'.")
         overrides["w_round"] = weight_rounding
-    resolved = _resolve_target(target, model, load_kwargs)
+    resolved = _resolve_target(target, model, {**load_kwargs, **single_file_kwargs(target, pipeline_class, config)})
     is_pipe = _is_pipeline(resolved)
     denoiser = denoiser_of(resolved) if is_pipe else resolved
     from diffq.pipelines.serialization import plan_of

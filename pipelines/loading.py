@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from diffq.errors import ModelLoadError
+from diffq.pipelines.single_file import is_single_file, load_single_file
 
 # The checkpoint `diffq.quantize(<PipelineClass>, preset)` loads when no `model=` is given.
 DEFAULT_CHECKPOINTS: dict[str, str] = {
@@ -38,7 +39,12 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     if Path(text).expanduser().is_dir():
         return str(Path(text).expanduser()), True
     if Path(text).expanduser().exists():
-        raise ModelLoadError(f"{text!r} is a file; pass the folder that holds model_index.json.")
+        if is_single_file(text):
+            return str(Path(text).expanduser()), True
+        raise ModelLoadError(
+            f"{text!r} is a file; pass the folder that holds model_index.json, or a single-file "
+            ".safetensors checkpoint with pipeline_class=."
+        )
     return text, False
 
 
@@ -53,11 +59,26 @@ def default_checkpoint(pipeline_class: type) -> str:
         ) from None
 
 
-def load_pipeline(name_or_path: str | os.PathLike, pipeline_class: type | None = None, **kwargs: Any):
-    """Load a float pipeline; ``pipeline_class`` defaults to ``diffusers.DiffusionPipeline``."""
+def load_pipeline(
+    name_or_path: str | os.PathLike,
+    pipeline_class: type | str | None = None,
+    *,
+    config: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    **kwargs: Any,
+):
+    """Load a float pipeline; ``pipeline_class`` defaults to ``diffusers.DiffusionPipeline``.
+
+    A checkpoint file (``model.safetensors``) loads through ``from_single_file`` and needs
+    ``pipeline_class``; ``config`` and ``allow_pickle`` apply to it only (``diffq.pipelines.single_file``).
+    """
     from diffusers import DiffusionPipeline
 
     location, is_local = resolve_model(name_or_path)
+    if is_single_file(location) and not Path(location).is_dir():  # a file, a missing one, or a Hub file URL
+        return load_single_file(location, pipeline_class, config=config, allow_pickle=allow_pickle, **kwargs)
+    if config is not None:
+        raise ModelLoadError(f"config= is for single-file checkpoints; {location!r} is not one, so drop config=.")
     cls = pipeline_class or DiffusionPipeline
     if is_local and not (Path(location) / "model_index.json").exists():
         raise ModelLoadError(f"{location} has no model_index.json; it is not a diffusers pipeline folder.")
