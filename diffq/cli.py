@@ -77,6 +77,18 @@ def _call_kwargs(model: str, args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _single_file_flags(args: argparse.Namespace) -> dict:
+    """``--pipeline-class`` / ``--config`` / ``--allow-pickle`` as loading kwargs (single-file checkpoints)."""
+    from diffq.pipelines.single_file import pipeline_class_named
+
+    kwargs: dict = {"config": args.config} if args.config else {}
+    if args.pipeline_class:
+        kwargs["pipeline_class"] = pipeline_class_named(args.pipeline_class)
+    if args.allow_pickle:
+        kwargs["allow_pickle"] = True
+    return kwargs
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import diffq
     from diffq.pipelines.calibrate import default_prompts
@@ -84,7 +96,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from diffq.pipelines.serialization import check_save_target, save_quantized
 
     start = time.perf_counter()
-    pipe = diffq.load(args.model)
+    pipe = diffq.load(args.model, **_single_file_flags(args))
     out = Path(args.out)
     check_save_target(pipe, out, overwrite=args.overwrite)  # before minutes of calibration, not after
     fp_bytes = diffq.weight_bytes(pipe)
@@ -316,7 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it with a model card (DIR/README.md) and DIR/diffq_report.json")
-    q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="bundled name, Hub id or local folder")
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="bundled name, Hub id, local folder, or a single-file .safetensors checkpoint")
+    q.add_argument("--pipeline-class", metavar="NAME",
+                   help="for a single file: the diffusers pipeline it holds (StableDiffusionPipeline, "
+                        "StableDiffusionXLPipeline, FluxPipeline, ...)")
+    q.add_argument("--config", metavar="DIR_OR_ID",
+                   help="for a single file: a diffusers folder or Hub id of the same architecture for the "
+                        "configuration and any components the file lacks (needed offline)")
+    q.add_argument("--allow-pickle", action="store_true",
+                   help="for a single file: also read pickle checkpoints (.ckpt, .pt), which can run code; trust the file")
     q.add_argument("--preset", default="w4a8", help=f"one of {', '.join(diffq.available_presets())}")
     q.add_argument("--out", required=True,
                    help="folder to write the quantized pipeline to: new, empty, or an earlier diffq checkpoint "
