@@ -1,16 +1,25 @@
 """Quantized linear kernels against ``torch.matmul`` at the layer shapes of SDXL and Flux.
 
-    python benchmarks/kernels.py [--tokens 4096] [--rank 32] [--out FILE]
+    python benchmarks/kernels.py [--tokens 4096] [--rank 32] [--budget SECONDS] [--out FILE] [--results DIR]
+    python benchmarks/kernels.py --dry-run     # every path once at a tiny shape on the CPU: seconds
 
 On CUDA every preset's path through :func:`diffq.kernels.triton_ops.quantized_linear_triton`
 (activation kernel + GEMM) is timed with ``triton.testing.do_bench`` at the token count of a
 1024x1024 image (SDXL: 4096 tokens at the 64x64 attention level of the 128x128 latent; Flux:
 4096 image tokens), with TFLOP/s (``2 M N K / t``) and the speedup over a 16-bit ``torch.matmul``
-of the same shape. A second table shows what the rank-``r`` low-rank branch of ``w4a4`` costs
-fused into the kernels, against adding it with two separate matmuls.
+of the same shape. The same table times PyTorch's own low-precision GEMMs at each shape, on operands
+quantized beforehand (the GEMM alone, no activation quantization): ``torch._int_mm`` (int8 x int8 ->
+int32, cuBLAS) and ``torch._scaled_mm`` on float8 e4m3 operands with one scale per tensor and with
+one scale per row of each operand (row-wise; bfloat16 output), where the GPU has fp8 (sm_89+). A
+second table shows what the rank-``r`` low-rank branch of ``w4a4`` costs fused into the kernels,
+against adding it with two separate matmuls. ``--budget`` caps the run: shapes that do not fit are
+listed as skipped. ``--results DIR`` writes ``results.md`` and ``results.json`` there.
 
 Without CUDA it says so and times the pure-torch reference path (what CPU users run) on small
 shapes instead, against a float32 ``torch.matmul``; that run takes well under two minutes.
+``--dry-run`` runs every path (the kernel's, each torch GEMM, the low-rank branch) once at a tiny
+shape on the CPU, with the reference standing in for the Triton kernels, and checks the CUDA-only
+APIs exist.
 """
 
 from __future__ import annotations
@@ -103,6 +112,44 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: torch.matmul(x, wt)
 
 
+def int_mm(x: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """``torch._int_mm`` on int8 operands made from ``x`` and ``w`` beforehand: the int8 GEMM alone."""
+    xq = _int8(x)
+    wt = _int8(w).t()  # [K, N], column-major, as cuBLAS's int8 GEMM takes it
+    return lambda: torch._int_mm(xq, wt)
+
+
+def _int8(t: torch.Tensor) -> torch.Tensor:
+    scale = t.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127
+    return torch.round(t.float() / scale).clamp(-127, 127).to(torch.int8)
+
+
+def scaled_mm(x: torch.Tensor, w: torch.Tensor, rowwise: bool) -> Callable[[], torch.Tensor]:
+    """``torch._scaled_mm`` on float8 e4m3 operands made beforehand, one scale per tensor or per row
+    (``rowwise``: scales ``[M, 1]`` and ``[1, N]``, bfloat16 output, as PyTorch requires)."""
+    fp8 = torch.float8_e4m3fn
+    dims = -1 if rowwise else None
+    sx = _fp8_scale(x, dims)
+    sw = _fp8_scale(w, dims)
+    xq = (x.float() / sx).to(fp8)
+    wt = (w.float() / sw).to(fp8).t()  # [K, N], column-major
+    scale_b = sw.t() if rowwise else sw
+    out = torch.bfloat16 if rowwise else x.dtype
+    return lambda: torch._scaled_mm(xq, wt, scale_a=sx, scale_b=scale_b, out_dtype=out)
+
+
+def _fp8_scale(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    amax = t.float().abs().amax() if dim is None else t.float().abs().amax(dim=dim, keepdim=True)
+    return (amax.clamp_min(1e-8) / torch.finfo(torch.float8_e4m3fn).max).float()
+
+
+TORCH_GEMMS: list[tuple[str, Callable[[torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]]] = [
+    ("torch._int_mm int8", int_mm),
+    ("torch._scaled_mm fp8 e4m3 tensor-wise", lambda x, w: scaled_mm(x, w, rowwise=False)),
+    ("torch._scaled_mm fp8 e4m3 row-wise", lambda x, w: scaled_mm(x, w, rowwise=True)),
+]
+
+
 def separate_lowrank(x: torch.Tensor, kw: dict) -> Callable[[], torch.Tensor]:
     """The low-rank branch as two matmuls and an add, on a precomputed output."""
     down, up = kw["lowrank_down"], kw["lowrank_up"]
@@ -133,10 +180,28 @@ def tflops(M: int, K: int, N: int, ms: float) -> float:
     return 2 * M * N * K / (ms * 1e-3) / 1e12
 
 
-def gemm_rows(shapes, tokens: int, dtype: torch.dtype, device: str, timer, kernel) -> list[list[str]]:
-    """One row per shape and path: time, TFLOP/s and speedup over the 16-bit (CPU: fp32) matmul."""
+class Deadline:
+    """Seconds since start against a budget (``None``: no limit); remembers what it skipped."""
+
+    def __init__(self, budget: float | None) -> None:
+        self.budget, self.start, self.skipped = budget, time.perf_counter(), []
+
+    def over(self, what: str) -> bool:
+        if self.budget is not None and time.perf_counter() - self.start > self.budget:
+            self.skipped.append(what)
+            return True
+        return False
+
+
+def gemm_rows(shapes, tokens: int, dtype: torch.dtype, device: str, timer, kernel, deadline: Deadline | None = None,
+              torch_gemms: bool = False) -> list[list[str]]:
+    """One row per shape and path: time, TFLOP/s and speedup over the 16-bit (CPU: fp32) matmul;
+    with ``torch_gemms``, PyTorch's int8 and fp8 GEMMs too (a row says so where one cannot run)."""
     rows = []
+    deadline = deadline or Deadline(None)
     for model, K, N in shapes:
+        if deadline.over(f"GEMM {model} {tokens}x{K}x{N}"):
+            continue
         x = torch.randn(tokens, K, device=device).to(dtype)
         w = torch.randn(N, K, device=device).to(dtype)
         base = timer(matmul(x, w))
@@ -150,13 +215,26 @@ def gemm_rows(shapes, tokens: int, dtype: torch.dtype, device: str, timer, kerne
             ms = timer(call(kernel, x, layer(preset, K, N, 0, dtype, device)))
             rows.append([model, f"{tokens}x{K}x{N}", preset.name, f"{ms:.3f}", f"{tflops(tokens, K, N, ms):.2f}",
                          f"{base / ms:.2f}"])
+        for name, make in TORCH_GEMMS if torch_gemms else []:
+            try:
+                ms = timer(make(x, w))
+            except (RuntimeError, TypeError, AttributeError) as exc:  # e.g. no fp8 before sm_89
+                rows.append([model, f"{tokens}x{K}x{N}", name, f"unavailable: {str(exc).splitlines()[0][:120]}",
+                             "–", "–"])
+                continue
+            rows.append([model, f"{tokens}x{K}x{N}", name, f"{ms:.3f}", f"{tflops(tokens, K, N, ms):.2f}",
+                         f"{base / ms:.2f}"])
     return rows
 
 
-def lowrank_rows(shapes, tokens: int, rank: int, dtype: torch.dtype, device: str, timer, kernel) -> list[list[str]]:
+def lowrank_rows(shapes, tokens: int, rank: int, dtype: torch.dtype, device: str, timer, kernel,
+                 deadline: Deadline | None = None) -> list[list[str]]:
     """The low-rank branch's cost: fused into the kernels vs two separate matmuls and an add."""
     rows = []
+    deadline = deadline or Deadline(None)
     for model, K, N in shapes:
+        if deadline.over(f"low-rank {model} {tokens}x{K}x{N}"):
+            continue
         x = torch.randn(tokens, K, device=device).to(dtype)
         kw = layer(LOWRANK_PRESET, K, N, rank, dtype, device)
         plain = {k: v for k, v in kw.items() if k not in ("lowrank_down", "lowrank_up")}
@@ -179,8 +257,8 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no CUDA"
 
 
-def run(tokens: int, rank: int) -> str:
-    """Time everything and return the report as markdown."""
+def run(tokens: int, rank: int, budget: float | None = None) -> tuple[str, dict]:
+    """Time everything; the report as markdown, and its tables as data."""
     if torch.cuda.is_available():
         from diffq.kernels.triton_ops import quantized_linear_triton
 
@@ -195,14 +273,47 @@ def run(tokens: int, rank: int) -> str:
         title = f"Reference path (no CUDA) on {machine()}, 1 thread, {tokens} tokens, float32 activations"
         with_branch = "reference with branch ms"
     torch.manual_seed(0)
-    gemm = gemm_rows(shapes, tokens, dtype, device, timer, kernel)
-    lowrank = lowrank_rows(shapes, tokens, rank, dtype, device, timer, kernel)
-    return "\n\n".join([
+    deadline = Deadline(budget)
+    gemm = gemm_rows(shapes, tokens, dtype, device, timer, kernel, deadline, torch_gemms=device == "cuda")
+    lowrank = lowrank_rows(shapes, tokens, rank, dtype, device, timer, kernel, deadline)
+    gemm_header = ["model", "M x K x N", "path", "ms", "TFLOP/s", "x matmul"]
+    lowrank_header = ["model", "M x K x N", f"{LOWRANK_PRESET.name} ms", with_branch, "+ separate matmuls ms"]
+    parts = [
         f"**{title}** (`python benchmarks/kernels.py`)",
-        markdown(["model", "M x K x N", "path", "ms", "TFLOP/s", "x matmul"], gemm),
+        markdown(gemm_header, gemm),
         f"Low-rank branch, rank {rank}, on {LOWRANK_PRESET.name}:",
-        markdown(["model", "M x K x N", f"{LOWRANK_PRESET.name} ms", with_branch, "+ separate matmuls ms"], lowrank),
-    ])
+        markdown(lowrank_header, lowrank),
+    ]
+    if device == "cuda":
+        parts.insert(2, "torch._int_mm / torch._scaled_mm rows: operands quantized beforehand, the GEMM alone "
+                        "(diffq's rows include quantizing the activations).")
+    if deadline.skipped:
+        parts.append(f"Skipped (over the {budget:.0f} s budget): {', '.join(deadline.skipped)}.")
+    data = {"title": title, "tokens": tokens, "rank": rank, "gemm": {"header": gemm_header, "rows": gemm},
+            "lowrank": {"header": lowrank_header, "rows": lowrank}, "skipped": deadline.skipped}
+    return "\n\n".join(parts), data
+
+
+def dry_run() -> str:
+    """Every path once at a tiny shape on the CPU (the reference for the kernels), and the CUDA-only
+    APIs looked up; raises on the first failure."""
+    import triton.testing  # noqa: F401  (gpu_time's timer)
+
+    for name in ("_int_mm", "_scaled_mm", "float8_e4m3fn"):
+        getattr(torch, name)
+    shapes = [(model, 64, 64) for model, _, _ in SHAPES[:1]]
+    gemm = gemm_rows(shapes, 32, torch.float32, "cpu", _once, reference.quantized_linear, torch_gemms=True)
+    lowrank = lowrank_rows(shapes, 32, 16, torch.float32, "cpu", _once, reference.quantized_linear)
+    notes = [f"{r[2]}: {r[3]}" for r in gemm if r[3].startswith("unavailable")]  # fp8 on a CPU build without it
+    return (f"kernels.py dry run: {len(SHAPES)} shapes, {len(PRESETS)} presets; {len(gemm)} GEMM rows and "
+            f"{len(lowrank)} low-rank rows ran once at 32x64x64 on the CPU"
+            + (f"; not runnable on this CPU (runs on CUDA): {'; '.join(notes)}" if notes else ""))
+
+
+def _once(fn: Callable[[], object]) -> float:
+    """The dry run's timer: one call, a dummy 1 ms."""
+    fn()
+    return 1.0
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -216,12 +327,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per call (M); CPU caps it at 256")
     parser.add_argument("--rank", type=int, default=32, help="rank of the low-rank branch")
+    parser.add_argument("--budget", type=float, help="seconds; shapes past it are skipped (default: no limit)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--results", type=Path, help="write results.md and results.json into this folder")
+    parser.add_argument("--dry-run", action="store_true", help="every path once at a tiny shape on the CPU")
     args = parser.parse_args(argv)
-    report = run(args.tokens, args.rank)
+    if args.dry_run:
+        print(dry_run())
+        return
+    report, data = run(args.tokens, args.rank, args.budget)
     print(report)
     if args.out:
         write_atomic(args.out, report + "\n")
+    if args.results:
+        from common import machine, machine_line, write_results
+
+        info = machine()
+        write_results(args.results, f"{report}\n\n{machine_line(info)}", {"machine": info, **data})
 
 
 if __name__ == "__main__":
