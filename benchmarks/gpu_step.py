@@ -182,8 +182,11 @@ def fallbacks(device: str) -> Iterator[dict[str, int]]:
     """Counts, by reason, the quantized calls that the device's kernels hand to the reference (their
     ``unsupported_reason`` said why); CUDA: the Triton linear kernels, CPU: diffq's CPU kernels."""
     if device == "cuda":
-        from diffq.kernels import triton_ops as module
-
+        try:
+            from diffq.kernels import triton_ops as module
+        except ImportError as exc:  # the dispatch then runs every linear call on the reference
+            yield {f"the Triton kernels do not import: {exc}"[:100]: 1}
+            return
         names = ["unsupported_reason"]
     else:
         from diffq.kernels import cpu as module
@@ -382,8 +385,9 @@ def _weight_bytes(model: nn.Module) -> int:
     return weight_bytes(model)
 
 
-def run(opts: Options) -> list[dict[str, Any]]:
-    """Every unit in priority order, each failure recorded and the run continued."""
+def run(opts: Options, after_unit: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every unit in priority order, each failure recorded and the run continued; ``after_unit`` gets
+    the rows so far after each unit (to save them, should the run be stopped at its cap)."""
     import torch._dynamo
 
     clock = Clock(opts.budget)
@@ -403,7 +407,9 @@ def run(opts: Options) -> list[dict[str, Any]]:
             print(f"[gpu_step] {key} {variant}: {clock.left():.0f} s left", file=sys.stderr, flush=True)
         if opts.device == "cuda" or "compiled" in opts.modes:
             torch._dynamo.reset()  # the next variant compiles its own blocks; drop this one's
-    add_speedups(rows)
+        add_speedups(rows)
+        if after_unit is not None:
+            after_unit(rows)
     return rows
 
 
@@ -553,10 +559,14 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_step.py needs CUDA (use --dry-run to rehearse on the CPU).", file=sys.stderr)
         return 2
     info = machine()
-    rows = run(opts)
-    text = f"{render(rows, opts)}\n\n{machine_line(info)}"
-    print(text)
-    paths = write_results(out, text, {"machine": info, "options": opts.__dict__, "rows": rows})
+
+    def save(rows: list[dict[str, Any]]) -> list[Path]:
+        text = f"{render(rows, opts)}\n\n{machine_line(info)}"
+        return write_results(out, text, {"machine": info, "options": opts.__dict__, "rows": rows})
+
+    rows = run(opts, after_unit=save)
+    paths = save(rows)
+    print(f"{render(rows, opts)}\n\n{machine_line(info)}")
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
 
