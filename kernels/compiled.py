@@ -122,6 +122,7 @@ class KernelReport:
     ptx_mma: dict = field(default_factory=dict)  # PTX matrix instruction -> count
     sass_mma: dict = field(default_factory=dict)  # SASS matrix instruction -> count
     code_loads: dict = field(default_factory=dict)  # PTX loads of packed weight codes: "<bits>-bit <op>" -> count
+    zero_loads: dict = field(default_factory=dict)  # PTX loads of uint8 zero points (wz_ptr), likewise
     sass_global_loads: dict = field(default_factory=dict)  # SASS LDG/LDGSTS variants -> count
     compile_s: float = 0.0
     code: bytes = field(default=b"", repr=False)  # machine code until add_sass() reads it
@@ -462,6 +463,8 @@ def compile_launch(launch: Launch, capability: int, with_sass: bool = True) -> K
     if "qw_ptr" in names:
         runtime = [n for n in names if signature[n] != "constexpr"]  # PTX parameters, in order
         report.code_loads = dict(ptx_loads_from_param(ptx, runtime.index("qw_ptr")))
+        if launch.kwargs.get("HAS_ZERO"):
+            report.zero_loads = dict(ptx_loads_from_param(ptx, runtime.index("wz_ptr")))
     report.code = text_section(cubin, launch.kernel)
     if with_sass:
         add_sass([report])

@@ -116,12 +116,18 @@ def _load_smoothed(x_ptr, smooth_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOT
 
 
 @triton.jit
-def _load_codes(qw_ptr, offs_n, k0, N, K, stride_wn, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+def _load_codes(qw_ptr, offs_n, k0, N, K, KP, stride_wn, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    """Unsigned codes of weight rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``, as ``[BLOCK_K, BLOCK_N]``."""
+    """Unsigned codes of weight rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``, as ``[BLOCK_K, BLOCK_N]``.
+
+    ``KP`` is the packed row length in bytes (``qweight.shape[1]``), a runtime argument so that
+    the JIT's divisibility specialization sees it: masking by ``(K + 1) // 2`` instead hid that
+    the mask is constant over 16-byte runs and the 4-bit codes were read one byte per load
+    (``LDG.E.U8``); masked by ``KP`` they are read as 128-bit ``cp.async`` copies.
+    """
     if W_BITS == 4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        mask = (offs_n[:, None] < N) & (kb[None, :] < (K + 1) // 2)
+        mask = (offs_n[:, None] < N) & (kb[None, :] < KP)
         packed = tl.load(qw_ptr + offs_n[:, None] * stride_wn + kb[None, :], mask=mask, other=0)
         codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))  # low nibble first
     else:
@@ -168,8 +174,8 @@ def _epilogue_store(acc, offs_m, offs_n, M, N, R, t_ptr, l2_ptr, bias_ptr, y_ptr
                     R_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """``acc + (x L1) @ L2 + bias``, stored in ``y``'s dtype."""
     if HAS_LORA:
-        R_TILE: tl.constexpr = min(R_PAD, 64)
-        for r0 in tl.static_range(0, R_PAD, R_TILE):
+        R_TILE: tl.constexpr = min(R_PAD, 32)
+        for r0 in tl.range(0, R_PAD, R_TILE, num_stages=1):  # a loop, not unrolled: loads stay in order
             offs_r = r0 + tl.arange(0, R_TILE)
             t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
             t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=t_mask, other=0.0)
@@ -229,7 +235,7 @@ def _act_kernel(
 @triton.jit
 def _int_gemm_kernel(
     q_ptr, xs_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
-    M, N, K, R, OFFSET, W_GROUP, A_GROUP,
+    M, N, K, KP, R, OFFSET, W_GROUP, A_GROUP,
     stride_qm, stride_xsm, stride_xsg, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
     stride_tm, stride_l2r, stride_l2n, stride_ym,
     W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_CORR: tl.constexpr,
@@ -249,7 +255,7 @@ def _int_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         a = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], mask=a_mask, other=0)
-        codes = _load_codes(qw_ptr, offs_n, k0, N, K, stride_wn, W_BITS, BLOCK_N, BLOCK_K)
+        codes = _load_codes(qw_ptr, offs_n, k0, N, K, KP, stride_wn, W_BITS, BLOCK_N, BLOCK_K)
         if W_BITS == 4:
             b = codes.to(tl.int8) - CENTER
         else:
@@ -286,7 +292,7 @@ def _int_gemm_kernel(
 @triton.jit
 def _weight_only_kernel(
     x_ptr, smooth_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
-    M, N, K, R, OFFSET, W_GROUP,
+    M, N, K, KP, R, OFFSET, W_GROUP,
     stride_xm, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
     stride_tm, stride_l2r, stride_l2n, stride_ym,
     W_BITS: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZERO: tl.constexpr, W_GROUPED: tl.constexpr,
@@ -307,7 +313,7 @@ def _weight_only_kernel(
             sm = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0).to(tl.float32)
             a = tl.div_rn(a.to(tl.float32), sm[None, :]).to(x_ptr.dtype.element_ty)
         g = k0 // W_GROUP
-        v = _load_codes(qw_ptr, offs_n, k0, N, K, stride_wn, W_BITS, BLOCK_N, BLOCK_K).to(tl.int32) - OFFSET
+        v = _load_codes(qw_ptr, offs_n, k0, N, K, KP, stride_wn, W_BITS, BLOCK_N, BLOCK_K).to(tl.int32) - OFFSET
         if HAS_ZERO:
             v -= tl.load(wz_ptr + offs_n * stride_wzn + g * stride_wzg, mask=offs_n < N, other=0).to(tl.int32)[None, :]
         if INTERPRET:  # the interpreter cannot convert int32 to bfloat16 directly
@@ -344,10 +350,12 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def _gemm_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool = False) -> Blocks:
+def _gemm_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool = False,
+                 narrow_n: bool = False) -> Blocks:
     """Tiles for a GEMM whose K tiles must not straddle a scale segment of ``seg`` columns.
 
-    GPU sizes are starting points chosen without a GPU to tune on (no autotuning yet).
+    GPU sizes are starting points chosen without a GPU to tune on. ``narrow_n`` asks for
+    ``BLOCK_N=64`` where 128 x 128 tiles spill registers (see :func:`_narrow_n`).
     """
     k_cap = 64 if INTERPRET or not int_path else 128
     if fp32 and not INTERPRET:  # IEEE fp32 products run on FMA units: small tiles, little shared memory
@@ -359,7 +367,17 @@ def _gemm_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool = False) -
         return Blocks(64, 64, block_k, warps=4, stages=2)
     block_m = 128 if M > 64 else max(16, triton.next_power_of_2(M))
     warps = 8 if block_m == 128 else 4
-    return Blocks(block_m, 128, block_k, warps=warps, stages=4 if block_k <= 64 else 3)
+    block_n = 64 if narrow_n else 128
+    return Blocks(block_m, block_n, block_k, warps=warps, stages=4 if block_k <= 64 else 3)
+
+
+def _narrow_n(zero_tiles: bool, rank: int) -> bool:
+    """Whether a GEMM takes 64-column tiles: measured with ``tests/test_kernels_compiled.py``, at
+    128 x 128 the integer GEMM spilled where it corrects each K tile for zero points (group-wise
+    scales with zero points: 255 registers, 208 B stack, 52 STL / 51 LDL on sm_90), and GEMMs
+    with a low-rank branch of rank > 64 spilled on sm_80 (rank 256: 72 B stack, 14 STL / 25 LDL
+    W4A4, 56 B W4A16; rank 128 W8A8: 32 B)."""
+    return zero_tiles or rank > 64
 
 
 def _act_blocks(K: int, a_group: int | None, rank: int = 0) -> tuple[int, int]:
@@ -597,14 +615,17 @@ def int_gemm(
     M, K = q.shape
     N = qweight.shape[0]
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
-    blocks = blocks or _gemm_blocks(M, K, _segment(K, w_group, a_group), int_path=True)
+    seg = _segment(K, w_group, a_group)
+    rank = 0 if t is None else t.shape[1]
+    blocks = blocks or _gemm_blocks(M, K, seg, int_path=True,
+                                    narrow_n=_narrow_n(seg != K and w_zero is not None, rank))
     y = torch.empty((M, N), dtype=out_dtype, device=q.device)
     s_strides = (0, 0) if s.dim() == 1 else (s.stride(0), s.stride(1))  # 1-D: a static scale
     (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
     grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
     _int_gemm_kernel[grid](
         q, s, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
-        M, N, K, 0 if t is None else t.shape[1], w_code_offset, w_group or K, a_group or K,
+        M, N, K, qweight.shape[1], 0 if t is None else t.shape[1], w_code_offset, w_group or K, a_group or K,
         q.stride(0), *s_strides, qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero),
         *lstrides, y.stride(0),
         W_BITS=w_bits, HAS_ZERO=w_zero is not None,
@@ -634,13 +655,15 @@ def weight_only_gemm(
     M, K = x2.shape
     N = qweight.shape[0]
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
-    blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=x2.dtype == torch.float32)
+    rank = 0 if t is None else t.shape[1]
+    blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=x2.dtype == torch.float32,
+                                    narrow_n=_narrow_n(False, rank))
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
     grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
     _weight_only_kernel[grid](
         x2, y if smooth is None else smooth, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
-        M, N, K, 0 if t is None else t.shape[1], w_code_offset, w_group or K,
+        M, N, K, qweight.shape[1], 0 if t is None else t.shape[1], w_code_offset, w_group or K,
         x2.stride(0), qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero),
         *lstrides, y.stride(0),
         W_BITS=w_bits, HAS_SMOOTH=smooth is not None, HAS_ZERO=w_zero is not None,
