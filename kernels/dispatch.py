@@ -5,7 +5,7 @@ nodes to ``torch.compile``, with one implementation per device, chosen by PyTorc
 
 * CPU: the integer kernels of :mod:`diffq.kernels.cpu` (``torch._int_mm``);
 * CUDA (with Triton installed): the fused Triton kernels of :mod:`diffq.kernels.triton_ops` for
-  linear layers; convolutions run the reference;
+  linear layers and 1x1 convolutions (pixels as tokens); other convolutions run the reference;
 * every other device: the pure-torch reference in :mod:`diffq.kernels.reference`, which
   *defines* the function the others compute;
 * fake tensors (tracing, ``torch.compile``): output shapes only.
@@ -119,16 +119,21 @@ def _linear_cuda(
 _TRITON: dict[str, object] = {}
 
 
-def _triton_linear():
-    """The Triton launcher, imported on the first CUDA call; ``None`` (with one warning) if it cannot be."""
-    if "linear" not in _TRITON:
+def _triton_launcher(name: str):
+    """``triton_ops.<name>``, imported on the first CUDA call; ``None`` (with one warning) if it cannot be."""
+    if "module" not in _TRITON:
         try:
-            from diffq.kernels.triton_ops import quantized_linear_triton
+            from diffq.kernels import triton_ops
         except ImportError as exc:
             warnings.warn(f"Triton kernels unavailable ({exc}); CUDA runs the reference kernels.", stacklevel=3)
-            quantized_linear_triton = None
-        _TRITON["linear"] = quantized_linear_triton
-    return _TRITON["linear"]
+            triton_ops = None
+        _TRITON["module"] = triton_ops
+    return None if _TRITON["module"] is None else getattr(_TRITON["module"], name)
+
+
+def _triton_linear():
+    """The Triton linear launcher, or ``None`` where Triton does not import."""
+    return _triton_launcher("quantized_linear_triton")
 
 
 @torch.library.custom_op("diffq::quantized_conv2d", mutates_args=())
@@ -202,6 +207,16 @@ def _conv2d_cpu(x, qweight, w_scale, w_zero, *rest) -> torch.Tensor:
     return cpu.quantized_conv2d(x, qweight, w_scale, w_zero, codes=codes, **kwargs)
 
 
+@_conv2d_op.register_kernel("cuda")
+def _conv2d_cuda(x, qweight, w_scale, w_zero, *rest) -> torch.Tensor:
+    *options, codes = rest
+    kwargs = _conv_kwargs(*options)
+    triton_conv = (_triton_launcher("quantized_conv2d_triton")
+                   if _triton_wanted() and not reference_forced() else None)
+    kernel = triton_conv or reference.quantized_conv2d
+    return kernel(x, qweight, w_scale, w_zero, **kwargs)
+
+
 def quantized_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -270,9 +285,10 @@ def unsupported_reason(op: str, x: torch.Tensor, *args: object, **kwargs: object
     if x.device.type == "cpu":
         check = cpu.linear_unsupported_reason if op == "quantized_linear" else cpu.conv2d_unsupported_reason
         return check(x, *args, **kwargs)
-    if x.device.type == "cuda" and op == "quantized_linear" and _triton_wanted():
-        from diffq.kernels.triton_ops import unsupported_reason as triton_reason
+    if x.device.type == "cuda" and _triton_wanted():
+        from diffq.kernels import triton_ops
 
         kwargs.pop("codes", None)
-        return triton_reason(x, *args, **kwargs)
+        check = triton_ops.unsupported_reason if op == "quantized_linear" else triton_ops.conv2d_unsupported_reason
+        return check(x, *args, **kwargs)
     return f"no {op} kernel for {x.device.type} tensors"

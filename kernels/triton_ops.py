@@ -54,7 +54,9 @@ from diffq.kernels.packing import packed_cols
 
 __all__ = [
     "quantized_linear_triton",
+    "quantized_conv2d_triton",
     "unsupported_reason",
+    "conv2d_unsupported_reason",
     "act_quant_lowrank",
     "int_gemm",
     "weight_only_gemm",
@@ -514,6 +516,93 @@ def quantized_linear_triton(
                                     lowrank_down=lowrank_down)
         y = int_gemm(q, s, *weights, a_group=a_group, t=t, lowrank_up=lowrank_up, bias=bias, out_dtype=x.dtype)
     return y.reshape(*shape[:-1], qweight.shape[0])
+
+
+def _conv_as_linear_reason(x: torch.Tensor, weight_shape: tuple[int, int, int, int],
+                           padding: tuple[int, int] | str, groups: int, act_bits: int | None,
+                           act_scale: torch.Tensor | None, act_segments: tuple[int, ...]) -> str | None:
+    """Why a convolution is not a linear layer over pixels (``None``: it is)."""
+    if x.dim() != 4:
+        return "input is not [N, C, H, W]"
+    if tuple(weight_shape[2:]) != (1, 1):
+        return f"{weight_shape[2]}x{weight_shape[3]} kernel (Triton runs 1x1 convolutions)"
+    if groups != 1:
+        return f"groups={groups}"
+    if padding not in ("valid", "same") and tuple(padding) != (0, 0):
+        return f"padding {padding} of a 1x1 convolution"
+    if act_bits is not None and act_segments:
+        return "activations quantized per channel segment (a concatenated input)"
+    if act_bits is not None and act_scale is not None and act_scale.numel() != 1:
+        return "more than one static activation scale"
+    return None
+
+
+def _pixels(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+    """``x [N, C, H, W]`` sampled with ``stride`` as tokens ``[N, H', W', C]`` (a view for channels-last ``x``)."""
+    return x[:, :, :: stride[0], :: stride[1]].permute(0, 2, 3, 1)
+
+
+def conv2d_unsupported_reason(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    weight_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+    groups: int,
+    bias: torch.Tensor | None = None,
+    act_bits: int | None = None,
+    act_scale: torch.Tensor | None = None,
+    act_segments: tuple[int, ...] = (),
+    act_group_size: int | None = None,
+    smooth: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
+) -> str | None:
+    """Why this convolution runs the reference instead of the linear Triton kernels (``None``: they run it).
+
+    ``dilation`` does not matter to a 1x1 kernel; a stride samples the input first.
+    """
+    reason = _conv_as_linear_reason(x, weight_shape, padding, groups, act_bits, act_scale, act_segments)
+    if reason is not None:
+        return reason
+    return unsupported_reason(
+        _pixels(x, stride), qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset,
+        in_features=weight_shape[1], bias=bias, act_bits=act_bits, act_scale=act_scale,
+        act_group_size=act_group_size, smooth=smooth, lowrank_down=lowrank_down, lowrank_up=lowrank_up,
+    )
+
+
+def quantized_conv2d_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`reference.quantized_conv2d` for 1x1 convolutions on the linear kernels: the pixels
+    are tokens (``[N, C, H, W] -> [N H W, C]``), the result goes back to ``[N, out, H, W]``.
+
+    Every other convolution (and any call the linear kernels cannot serve) runs the reference.
+    ``kwargs`` are the reference's keyword arguments.
+    """
+    if conv2d_unsupported_reason(x, qweight, w_scale, w_zero, **kwargs) is not None:
+        return reference.quantized_conv2d(x, qweight, w_scale, w_zero, **kwargs)
+    act_scale = kwargs.get("act_scale")
+    tokens = _pixels(x, kwargs["stride"]).contiguous()
+    y = quantized_linear_triton(
+        tokens, qweight, w_scale, w_zero, w_bits=kwargs["w_bits"], w_code_offset=kwargs["w_code_offset"],
+        in_features=kwargs["weight_shape"][1], bias=kwargs.get("bias"), act_bits=kwargs.get("act_bits"),
+        act_scale=None if act_scale is None else act_scale.reshape(()),
+        act_group_size=kwargs.get("act_group_size"), smooth=kwargs.get("smooth"),
+        lowrank_down=kwargs.get("lowrank_down"), lowrank_up=kwargs.get("lowrank_up"),
+    )
+    return y.permute(0, 3, 1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------- launchers

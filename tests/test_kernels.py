@@ -169,6 +169,7 @@ def test_ops_are_registered_with_a_kernel_per_device():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeExplicitAutograd")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("diffq::quantized_linear", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("diffq::quantized_conv2d", "CUDA")
     x, qweight, w_scale, w_zero, kw = make_inputs(CASES[1])
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = kernels.quantized_linear(mode.from_tensor(x), mode.from_tensor(qweight), mode.from_tensor(w_scale),
@@ -186,3 +187,81 @@ def test_import_diffq_does_not_import_the_triton_kernels():
 
 def test_the_dispatch_would_import_a_compiled_copy():
     assert "diffq.kernels.triton_ops" not in sys.modules
+
+
+CONV_CASES = [  # (linear case for the weights and options, input [N, C, H, W], stride)
+    (CASES[0], (2, 192, 5, 4), (1, 1)),  # w4a8 group 64, dynamic, rank 16, bias, smoothing
+    (CASES[6], (1, 128, 6, 7), (2, 2)),  # w8a8 static scale, rank 16, bias, bf16; strided
+    (CASES[7], (2, 192, 3, 5), (1, 1)),  # w4a16 group 64, rank 16, bias, smoothing
+]
+
+
+@pytest.mark.parametrize("case, shape, stride", CONV_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_1x1_convolution_runs_the_linear_kernels(case, shape, stride):
+    """A 1x1 convolution is the linear layer over its pixels: the Triton result is within the linear
+    bound of the float64 function, as the reference convolution is, and equals the linear kernels'."""
+    _, qweight, w_scale, w_zero, kw = make_inputs(case)
+    x = torch.randn(*shape).to(case.dtype)
+    conv_kw = dict(w_bits=kw["w_bits"], w_code_offset=kw["w_code_offset"], weight_shape=(case.n, case.k, 1, 1),
+                   stride=stride, padding=(0, 0), dilation=(1, 1), groups=1, bias=kw["bias"],
+                   act_bits=kw["act_bits"], act_scale=kw.get("act_scale"), act_group_size=kw["act_group_size"],
+                   smooth=kw["smooth"], lowrank_down=kw.get("lowrank_down"), lowrank_up=kw.get("lowrank_up"))
+    assert triton_ops.conv2d_unsupported_reason(x, qweight, w_scale, w_zero, **conv_kw) is None
+    y = triton_ops.quantized_conv2d_triton(x, qweight, w_scale, w_zero, **conv_kw)
+    ref = reference.quantized_conv2d(x, qweight, w_scale, w_zero, **conv_kw)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    tokens = x[:, :, :: stride[0], :: stride[1]].permute(0, 2, 3, 1).contiguous()
+    expected, tol = expected_and_tolerance(tokens, qweight, w_scale, w_zero, kw)
+    for out in (y, ref):
+        err = (out.permute(0, 2, 3, 1).reshape(-1, case.n).double() - expected).abs()
+        assert float((err / tol).max()) <= 1.0
+    linear = triton_ops.quantized_linear_triton(tokens, qweight, w_scale, w_zero, **kw)
+    assert torch.equal(y, linear.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(weight_shape=(24, 32, 3, 3)), "3x3 kernel"),
+    (dict(groups=2, weight_shape=(24, 16, 1, 1)), "groups=2"),
+    (dict(padding=(1, 1)), "padding"),
+    (dict(act_segments=(16,)), "segment"),
+])
+def test_other_convolutions_run_the_reference(change, reason):
+    N, C, out = 1, 32, 24
+    kw = dict(w_bits=8, w_code_offset=128, weight_shape=(out, C, 1, 1), stride=(1, 1), padding=(0, 0),
+              dilation=(1, 1), groups=1, act_bits=8)
+    kw.update(change)
+    cols = kw["weight_shape"][1] * kw["weight_shape"][2] * kw["weight_shape"][3]
+    qweight = pack(torch.randint(0, 256, (out, cols), dtype=torch.uint8), 8)
+    w_scale = torch.rand(out, 1) + 0.5
+    x = torch.randn(N, C, 6, 6)
+    assert reason in (triton_ops.conv2d_unsupported_reason(x, qweight, w_scale, None, **kw) or "")
+    y = triton_ops.quantized_conv2d_triton(x, qweight, w_scale, None, **kw)
+    assert torch.equal(y, reference.quantized_conv2d(x, qweight, w_scale, None, **kw))
+
+
+def test_cuda_convolution_kernel_hands_1x1_convolutions_to_triton(monkeypatch):
+    """The op's CUDA kernel passes the op's arguments on to the Triton launcher (called here directly
+    on CPU tensors, with the interpreted launcher)."""
+    launched = []
+
+    def launcher(name):
+        def launch(*args, **kwargs):
+            launched.append(name)
+            return getattr(triton_ops, name)(*args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(kernels, "_triton_launcher", launcher)
+    monkeypatch.delenv("DIFFQ_KERNELS", raising=False)
+    monkeypatch.delenv("DIFFQ_NO_TRITON", raising=False)
+    case, shape, stride = CONV_CASES[0]
+    _, qweight, w_scale, w_zero, kw = make_inputs(case)
+    x = torch.randn(*shape).to(case.dtype)
+    y = kernels._conv2d_cuda(x, qweight, w_scale, w_zero, kw["w_bits"], kw["w_code_offset"], [case.n, case.k, 1, 1],
+                             list(stride), [0, 0], None, [1, 1], 1, kw["bias"], kw["act_bits"], None, [],
+                             kw["act_group_size"], kw["smooth"], kw["lowrank_down"], kw["lowrank_up"], None)
+    assert launched == ["quantized_conv2d_triton"]
+    conv_kw = dict(w_bits=kw["w_bits"], w_code_offset=kw["w_code_offset"], weight_shape=(case.n, case.k, 1, 1),
+                   stride=stride, padding=(0, 0), dilation=(1, 1), groups=1, bias=kw["bias"], act_bits=kw["act_bits"],
+                   act_group_size=kw["act_group_size"], smooth=kw["smooth"], lowrank_down=kw["lowrank_down"],
+                   lowrank_up=kw["lowrank_up"])
+    assert torch.equal(y, triton_ops.quantized_conv2d_triton(x, qweight, w_scale, w_zero, **conv_kw))
