@@ -71,6 +71,9 @@ class LayerCase:
 
     ``overrides`` replace fields of the preset's :class:`diffq.plan.LayerConfig` (``rank``,
     ``w_symmetric``, ``smooth_alpha``, ...); ``targets`` are the compute capabilities to compile for.
+    ``tile_configs``: also compile the GEMM with every autotuning candidate the pruner keeps for
+    this call (``triton_ops.prune_for_call``, the target's shared memory); those reports' layer
+    names are ``<name>@<BLOCK_M>x<BLOCK_N>x<BLOCK_K>w<warps>s<stages>``.
     """
 
     name: str
@@ -82,6 +85,7 @@ class LayerCase:
     bias: bool = True
     dtype: str = "float16"
     targets: tuple[int, ...] = (90,)
+    tile_configs: bool = False
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -491,12 +495,30 @@ def compile_cases(cases: list[LayerCase]) -> list[KernelReport]:
     for case in cases:
         for launch in record_launches(case, ops):
             for capability in case.targets:
-                key = _key(launch, capability)
-                if key not in reports:
-                    reports[key] = compile_launch(launch, capability, with_sass=False)
-                reports[key].layers.append(case.name)
+                variants = [(case.name, launch)]
+                if case.tile_configs and launch.kernel != "_act_kernel":
+                    variants += _tile_variants(case.name, launch, ops, capability)
+                for name, variant in variants:
+                    key = _key(variant, capability)
+                    if key not in reports:
+                        reports[key] = compile_launch(variant, capability, with_sass=False)
+                    reports[key].layers.append(name)
     add_sass(list(reports.values()))
     return list(reports.values())
+
+
+def _tile_variants(name: str, launch: Launch, ops: ModuleType, capability: int) -> list[tuple[str, Launch]]:
+    """``launch`` with each autotuning candidate the pruner keeps for it on ``sm_<capability>``."""
+    int_path = launch.kernel == "_int_gemm_kernel"
+    named = dict(zip(launch.fn.arg_names, launch.args, strict=False))
+    configs = ops.INT_CONFIGS if int_path else ops.WEIGHT_ONLY_CONFIGS
+    out = []
+    for b in ops.prune_for_call(configs, int_path, named, launch.kwargs, SHARED_LIMIT[capability]):
+        kwargs = {**launch.kwargs, "BLOCK_M": b.m, "BLOCK_N": b.n, "BLOCK_K": b.k, "GROUP_M": b.group_m,
+                  "num_warps": b.warps, "num_stages": b.stages}
+        out.append((f"{name}@{b.m}x{b.n}x{b.k}w{b.warps}s{b.stages}",
+                    Launch(launch.kernel, launch.fn, launch.grid, launch.args, kwargs)))
+    return out
 
 
 def run_in_subprocess(cases: list[LayerCase], timeout: float = 600) -> list[KernelReport]:

@@ -34,6 +34,13 @@ be divisible by 32 (16 for weight-only); low-rank factors of rank <= 256 in a fl
 Everything else -- 2- and 3-bit weights, 16-bit "activation bits", odd groups, other dtypes
 (e.g. float64) -- runs :func:`reference.quantized_linear` for that call.
 
+Tiles: on CUDA each GEMM autotunes once per shape bucket (``triton.autotune`` over
+``INT_CONFIGS`` / ``WEIGHT_ONLY_CONFIGS``, pruned per call by :func:`prune_gemm_configs`; the
+winners are kept per GPU name in ``~/.cache/diffq/autotune.json``; ``DIFFQ_AUTOTUNE=0`` turns it
+off); the interpreter, float32 weight-only calls and callers passing ``blocks`` use the fixed
+:func:`_gemm_blocks`. 1x1 convolutions run as linear layers over their pixels
+(:func:`quantized_conv2d_triton`).
+
 Under ``TRITON_INTERPRET=1`` (tests on CPU) every float ``tl.dot`` casts its operands to
 float32 after the 16-bit rounding above, so the interpreter computes the same numbers;
 the int8 ``tl.dot`` with an int32 accumulator runs as is (numpy integer matmul, exact).
@@ -41,9 +48,11 @@ the int8 ``tl.dot`` with an int32 accumulator runs as is (numpy integer matmul, 
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -237,7 +246,7 @@ def _act_kernel(
 @triton.jit
 def _int_gemm_kernel(
     q_ptr, xs_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
-    M, N, K, KP, R, OFFSET, W_GROUP, A_GROUP,
+    M, N, K, KP, R, OFFSET, W_GROUP, A_GROUP, M_BUCKET,
     stride_qm, stride_xsm, stride_xsg, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
     stride_tm, stride_l2r, stride_l2n, stride_ym,
     W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_CORR: tl.constexpr,
@@ -294,7 +303,7 @@ def _int_gemm_kernel(
 @triton.jit
 def _weight_only_kernel(
     x_ptr, smooth_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
-    M, N, K, KP, R, OFFSET, W_GROUP,
+    M, N, K, KP, R, OFFSET, W_GROUP, M_BUCKET,
     stride_xm, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
     stride_tm, stride_l2r, stride_l2n, stride_ym,
     W_BITS: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZERO: tl.constexpr, W_GROUPED: tl.constexpr,
@@ -706,23 +715,22 @@ def int_gemm(
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
     seg = _segment(K, w_group, a_group)
     rank = 0 if t is None else t.shape[1]
+    tuned = blocks is None and _autotuning(q)
     blocks = blocks or _gemm_blocks(M, K, seg, int_path=True,
                                     narrow_n=_narrow_n(seg != K and w_zero is not None, rank))
     y = torch.empty((M, N), dtype=out_dtype, device=q.device)
     s_strides = (0, 0) if s.dim() == 1 else (s.stride(0), s.stride(1))  # 1-D: a static scale
     (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
-    grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
-    _int_gemm_kernel[grid](
+    args = (
         q, s, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
         M, N, K, qweight.shape[1], 0 if t is None else t.shape[1], w_code_offset, w_group or K, a_group or K,
-        q.stride(0), *s_strides, qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero),
-        *lstrides, y.stride(0),
-        W_BITS=w_bits, HAS_ZERO=w_zero is not None,
-        HAS_CORR=w_zero is not None or w_code_offset != 2 ** (w_bits - 1),
-        W_GROUPED=w_group is not None, A_GROUPED=a_group is not None, **flags,
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m, INTERPRET=INTERPRET,
-        num_warps=blocks.warps, num_stages=blocks.stages,
+        _m_bucket(M), q.stride(0), *s_strides, qweight.stride(0), *_scale_strides(w_scale),
+        *_scale_strides(w_zero), *lstrides, y.stride(0),
     )
+    flags.update(W_BITS=w_bits, HAS_ZERO=w_zero is not None,
+                 HAS_CORR=w_zero is not None or w_code_offset != 2 ** (w_bits - 1),
+                 W_GROUPED=w_group is not None, A_GROUPED=a_group is not None, INTERPRET=INTERPRET)
+    _launch("int", _int_gemm_kernel, tuned, blocks, M, N, args, flags, q.device)
     return y
 
 
@@ -745,19 +753,194 @@ def weight_only_gemm(
     N = qweight.shape[0]
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
     rank = 0 if t is None else t.shape[1]
-    blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=x2.dtype == torch.float32,
-                                    narrow_n=_narrow_n(False, rank))
+    fp32 = x2.dtype == torch.float32
+    tuned = blocks is None and not fp32 and _autotuning(x2)  # fp32 (FMA units) keeps its small tiles
+    blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=fp32, narrow_n=_narrow_n(False, rank))
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
-    grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
-    _weight_only_kernel[grid](
+    args = (
         x2, y if smooth is None else smooth, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
-        M, N, K, qweight.shape[1], 0 if t is None else t.shape[1], w_code_offset, w_group or K,
+        M, N, K, qweight.shape[1], 0 if t is None else t.shape[1], w_code_offset, w_group or K, _m_bucket(M),
         x2.stride(0), qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero),
         *lstrides, y.stride(0),
-        W_BITS=w_bits, HAS_SMOOTH=smooth is not None, HAS_ZERO=w_zero is not None,
-        W_GROUPED=w_group is not None, X_FP32=x2.dtype == torch.float32, **flags,
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m, INTERPRET=INTERPRET,
-        num_warps=blocks.warps, num_stages=blocks.stages,
     )
+    flags.update(W_BITS=w_bits, HAS_SMOOTH=smooth is not None, HAS_ZERO=w_zero is not None,
+                 W_GROUPED=w_group is not None, X_FP32=fp32, INTERPRET=INTERPRET)
+    _launch("weight_only", _weight_only_kernel, tuned, blocks, M, N, args, flags, x2.device)
     return y
+
+
+def _launch(kind: str, kernel, tuned: bool, blocks: Blocks, M: int, N: int, args: tuple, flags: dict,
+            device: torch.device) -> None:
+    """Launch a GEMM with ``blocks``, or through its autotuner (``tuned``: CUDA only)."""
+    if not tuned:
+        grid = (triton.cdiv(M, blocks.m) * triton.cdiv(N, blocks.n),)
+        kernel[grid](*args, **flags, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m,
+                     num_warps=blocks.warps, num_stages=blocks.stages)
+        return
+    tuner = _tuner(kind, kernel)
+    name = _load_winners(kind, tuner, device)
+    known = len(tuner.cache)
+    tuner[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+    if len(tuner.cache) > known:
+        _save_winners(kind, tuner, name)
+
+
+# --------------------------------------------------------------------------- autotuning (CUDA only)
+
+# Candidate tiles per GEMM (``Blocks(m, n, k, warps, stages)``); the pruner keeps those that suit
+# the call, and where none does the fixed choice of :func:`_gemm_blocks` runs. Every candidate the
+# pruner keeps at SDXL shapes is compiled for sm_90 by tests/test_kernels_compiled.py (no spills).
+# The winners are kept per GPU name in :func:`winners_path`.
+INT_CONFIGS = [
+    Blocks(128, 128, 128, 8, 3), Blocks(128, 128, 64, 8, 4), Blocks(128, 64, 64, 8, 4),
+    Blocks(64, 128, 128, 4, 4), Blocks(64, 64, 128, 4, 4), Blocks(32, 128, 128, 4, 4),
+    Blocks(16, 128, 128, 4, 4), Blocks(16, 64, 128, 4, 5),
+]
+WEIGHT_ONLY_CONFIGS = [
+    Blocks(128, 128, 64, 8, 4), Blocks(128, 64, 64, 4, 4), Blocks(64, 128, 64, 4, 4),
+    Blocks(64, 64, 64, 4, 4), Blocks(32, 128, 64, 4, 4), Blocks(16, 128, 64, 4, 4), Blocks(16, 64, 64, 4, 5),
+]
+_SMEM_MARGIN = 16 * 1024  # epilogue tiles (low-rank factors, bias) beside the pipelined K tiles
+
+
+def _m_bucket(M: int) -> int:
+    """Tokens rounded up to a power of two (16 .. 4096): the autotuning key for ``M``."""
+    return min(4096, max(16, triton.next_power_of_2(M)))
+
+
+def _stage_bytes(b: Blocks, int_path: bool, w_bits: int) -> int:
+    """Shared memory one pipeline stage holds: the activation tile and the packed weight tile."""
+    return b.m * b.k * (1 if int_path else 2) + b.n * b.k * w_bits // 8
+
+
+def prune_gemm_configs(configs: list[Blocks], *, M: int, K: int, seg: int, int_path: bool, w_bits: int,
+                       narrow_n: bool, smem_limit: int) -> list[Blocks]:
+    """The candidate tiles that suit one GEMM call (pure Python; never empty).
+
+    * ``BLOCK_K`` never straddles a scale group: where scales change every ``seg`` columns
+      (``seg < K``) it divides ``seg``; and it is at least 32 (int8 MMA) / 16 (16-bit MMA);
+    * ``BLOCK_M`` follows ``M``: no taller than ``M`` padded to a power of two (at least 16), and at
+      least 64 from 256 tokens on;
+    * ``BLOCK_N=64`` only where 128-column tiles spill registers (:func:`_narrow_n`), else both;
+    * the pipeline stages fit shared memory: ``stages x`` (activation + weight tile) plus a margin.
+
+    When nothing is left, the fixed choice of :func:`_gemm_blocks` is returned alone.
+    """
+    min_k = 32 if int_path else 16
+    k_max = K if seg == K else _pow2_divisor(seg)
+    m_max = max(16, triton.next_power_of_2(M))
+    keep = [
+        b for b in configs
+        if min_k <= b.k <= max(k_max, min_k) and (seg == K or seg % b.k == 0)
+        and b.m <= m_max and (M < 256 or b.m >= 64)
+        and (b.n == 64 or not narrow_n)
+        and b.stages * _stage_bytes(b, int_path, w_bits) + _SMEM_MARGIN <= smem_limit
+    ]
+    return keep or [_gemm_blocks(M, K, seg, int_path, narrow_n=narrow_n)]
+
+
+def _to_config(b: Blocks) -> triton.Config:
+    return triton.Config({"BLOCK_M": b.m, "BLOCK_N": b.n, "BLOCK_K": b.k, "GROUP_M": b.group_m},
+                         num_warps=b.warps, num_stages=b.stages)
+
+
+def _to_blocks(c: triton.Config) -> Blocks:
+    k = c.kwargs
+    return Blocks(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages, k.get("GROUP_M", 8))
+
+
+def _smem_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device`` (bytes), as Triton's driver reports it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMEM:
+        _SMEM[index] = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return _SMEM[index]
+
+
+_SMEM: dict[int, int] = {}
+
+
+def prune_for_call(configs: list[Blocks], int_path: bool, named_args: dict, kwargs: dict,
+                   smem_limit: int) -> list[Blocks]:
+    """:func:`prune_gemm_configs` for one launch of a GEMM kernel: its arguments by name and constexprs."""
+    M, K = named_args["M"], named_args["K"]
+    seg = math.gcd(named_args["W_GROUP"], named_args["A_GROUP"]) if int_path else named_args["W_GROUP"]
+    zero_tiles = int_path and kwargs.get("HAS_ZERO", False) and seg != K
+    return prune_gemm_configs(
+        configs, M=M, K=K, seg=seg, int_path=int_path, w_bits=kwargs["W_BITS"],
+        narrow_n=_narrow_n(zero_tiles, named_args["R"] if kwargs.get("HAS_LORA") else 0), smem_limit=smem_limit,
+    )
+
+
+def _early_prune(int_path: bool):
+    """``early_config_prune`` for ``triton.autotune``: :func:`prune_for_call` with the device's shared memory."""
+
+    def prune(configs, named_args, **kwargs):
+        limit = _smem_limit(named_args["qw_ptr"].device)
+        return [_to_config(b) for b in prune_for_call([_to_blocks(c) for c in configs], int_path, named_args,
+                                                       kwargs, limit)]
+
+    return prune
+
+
+_TUNERS: dict[str, object] = {}
+
+
+def _tuner(kind: str, kernel):
+    """The ``triton.autotune`` wrapper of one GEMM kernel, built on first use (never in the interpreter)."""
+    if INTERPRET:
+        raise RuntimeError("the interpreter runs the fixed _gemm_blocks tiles, it never autotunes")
+    if kind not in _TUNERS:
+        int_path = kind == "int"
+        key = ["M_BUCKET", "N", "K", "W_GROUP", "R"] + (["A_GROUP"] if int_path else [])
+        configs = INT_CONFIGS if int_path else WEIGHT_ONLY_CONFIGS
+        _TUNERS[kind] = triton.autotune([_to_config(b) for b in configs], key=key,
+                                        prune_configs_by={"early_config_prune": _early_prune(int_path)})(kernel)
+    return _TUNERS[kind]
+
+
+def _autotuning(x: torch.Tensor) -> bool:
+    """Whether a GEMM on ``x``'s device autotunes: CUDA, compiled kernels, ``DIFFQ_AUTOTUNE`` not ``0``."""
+    return not INTERPRET and x.device.type == "cuda" and os.environ.get("DIFFQ_AUTOTUNE", "1") != "0"
+
+
+def winners_path() -> Path:
+    """Where the tuned tiles are kept: ``$DIFFQ_CACHE_DIR`` or ``~/.cache/diffq``, ``autotune.json``."""
+    root = os.environ.get("DIFFQ_CACHE_DIR") or Path.home() / ".cache" / "diffq"
+    return Path(root) / "autotune.json"
+
+
+_LOADED: set[tuple[str, str]] = set()
+
+
+def _load_winners(kind: str, tuner, device: torch.device) -> str:
+    """Fill ``tuner``'s cache with this GPU's earlier winners (once per process); returns the GPU name."""
+    name = torch.cuda.get_device_name(device)
+    if (kind, name) not in _LOADED:
+        _LOADED.add((kind, name))
+        try:
+            saved = json.loads(winners_path().read_text()).get(name, {}).get(kind, [])
+        except (OSError, ValueError):
+            saved = []
+        for key, b in saved:
+            tuner.cache.setdefault(tuple(key), _to_config(Blocks(*b)))
+    return name
+
+
+def _save_winners(kind: str, tuner, name: str) -> None:
+    """Write ``tuner``'s winners for GPU ``name`` into :func:`winners_path` (atomically; best effort)."""
+    path = winners_path()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        data = {}
+    entries = [[list(key), list(astuple(_to_blocks(c)))] for key, c in tuner.cache.items()]
+    data.setdefault(name, {})[kind] = entries
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass

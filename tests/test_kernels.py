@@ -265,3 +265,73 @@ def test_cuda_convolution_kernel_hands_1x1_convolutions_to_triton(monkeypatch):
                    act_group_size=kw["act_group_size"], smooth=kw["smooth"], lowrank_down=kw["lowrank_down"],
                    lowrank_up=kw["lowrank_up"])
     assert torch.equal(y, triton_ops.quantized_conv2d_triton(x, qweight, w_scale, w_zero, **conv_kw))
+
+
+def test_autotuning_pruner_keeps_tiles_that_suit_the_call():
+    """Pure-Python pruning of the autotuning candidates: K tiles inside scale groups, M tiles that
+    follow the token count, 64-column tiles where 128 spill, stages within shared memory."""
+    prune, blocks = triton_ops.prune_gemm_configs, triton_ops.Blocks
+    configs = triton_ops.INT_CONFIGS
+    common = dict(K=3072, int_path=True, w_bits=4, narrow_n=False, smem_limit=232448)
+    grouped = prune(configs, M=4096, seg=64, **common)
+    assert grouped and all(b.k == 64 and b.m >= 64 for b in grouped)
+    assert {b.k for b in prune(configs, M=4096, seg=3072, **common)} == {64, 128}  # one scale per row
+    # groups of 96 columns need 32-column K tiles, which no candidate has: the fixed choice runs
+    assert prune(configs, M=4096, seg=96, **common) == [triton_ops._gemm_blocks(4096, 3072, 96, True)]
+    small = prune(configs, M=2, seg=3072, **common)
+    assert small and all(b.m == 16 for b in small)
+    assert all(b.m <= 128 for b in prune(configs, M=100, seg=3072, **common))
+    assert all(b.n == 64 for b in prune(configs, M=4096, seg=64, **{**common, "narrow_n": True}))
+    tight = prune(configs, M=4096, seg=3072, **{**common, "w_bits": 8, "smem_limit": 101376})
+    assert tight and all(b.stages * triton_ops._stage_bytes(b, True, 8) + 16384 <= 101376 for b in tight)
+    assert blocks(128, 128, 128, 8, 3) not in tight  # 96 KiB of stages + margin > 99 KiB
+    none_fit = prune([blocks(128, 128, 128, 8, 3)], M=4096, seg=64, **common)
+    assert none_fit == [triton_ops._gemm_blocks(4096, 3072, 64, True)]  # the fixed choice, alone
+    wo = prune(triton_ops.WEIGHT_ONLY_CONFIGS, M=4096, seg=64, **{**common, "int_path": False})
+    assert wo and all(b.k <= 64 and 64 % b.k == 0 for b in wo)
+
+
+def test_autotuning_key_and_call_pruning():
+    named = dict(M=4096, K=1280, W_GROUP=64, A_GROUP=1280, R=32)
+    kept = triton_ops.prune_for_call(triton_ops.INT_CONFIGS, True, named, dict(W_BITS=4, HAS_ZERO=True), 232448)
+    assert kept and all(b.n == 64 and b.k == 64 for b in kept)  # zero points corrected per K tile
+    assert [triton_ops._m_bucket(m) for m in (1, 16, 17, 77, 4096, 20000)] == [16, 16, 32, 128, 4096, 4096]
+
+
+def test_the_interpreter_never_autotunes(monkeypatch):
+    """Under the interpreter every GEMM runs the fixed ``_gemm_blocks`` tiles: no autotuner is built."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("autotuner used in the interpreter")
+
+    monkeypatch.setattr(triton_ops, "_tuner", refuse)
+    x, qweight, w_scale, w_zero, kw = make_inputs(CASES[0])
+    assert not triton_ops._autotuning(x)
+    triton_ops.quantized_linear_triton(x, qweight, w_scale, w_zero, **kw)
+    x, qweight, w_scale, w_zero, kw = make_inputs(CASES[7])
+    triton_ops.quantized_linear_triton(x, qweight, w_scale, w_zero, **kw)
+    assert triton_ops._TUNERS == {}
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="never autotunes"):
+        triton_ops._tuner("int", None)
+
+
+def test_autotuning_winners_round_trip_through_the_json_cache(monkeypatch, tmp_path):
+    """Winners are kept per GPU name in ``$DIFFQ_CACHE_DIR/autotune.json`` and read back into a tuner."""
+    class Tuner:
+        def __init__(self):
+            self.cache = {}
+
+    monkeypatch.setenv("DIFFQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(triton_ops, "_LOADED", set())
+    first = Tuner()
+    key = (128, 3072, 3072, 64, 0, 64, "torch.int8", "torch.float32")
+    first.cache[key] = triton_ops._to_config(triton_ops.Blocks(128, 64, 64, 8, 4))
+    triton_ops._save_winners("int", first, "NVIDIA H200")
+    second = Tuner()
+    assert triton_ops._load_winners("int", second, torch.device("cpu")) == "NVIDIA H200"
+    assert triton_ops._to_blocks(second.cache[key]) == triton_ops.Blocks(128, 64, 64, 8, 4)
+    other = Tuner()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    triton_ops._load_winners("int", other, torch.device("cpu"))
+    assert other.cache == {}  # another GPU's winners are not used

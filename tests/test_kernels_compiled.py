@@ -32,6 +32,7 @@ SDXL_ATTN, SDXL_FF = (4096, 1280, 1280), (4096, 1280, 5120)
 FLUX_ATTN, FLUX_FF = (4096, 3072, 3072), (4096, 3072, 12288)
 ALL = (80, 89, 90)
 AMPERE_HOPPER = (80, 90)
+AMPERE = (80,)
 HOPPER = (90,)
 
 
@@ -63,12 +64,23 @@ CASES = [
     *_cases("sdxl-w8a16", SDXL, "float16", "w8a16", AMPERE_HOPPER),
     # The timestep-embedding layers: two rows (batch 2 with classifier-free guidance), W8A16.
     LayerCase("sdxl-time-emb-w8a16", 2, 1280, 1280, "w8a16", {}, True, "float16", HOPPER),
-    # Low-rank branches of rank 64..256 through the activation pass and both GEMM epilogues.
-    *[LayerCase(f"sdxl-{p}-r{r}-attn", *SDXL_ATTN, p, {"rank": r, **extra}, True, "float16", AMPERE_HOPPER)
-      for r in (64, 128, 256)
-      for p, extra in (("w8a8-rtn", {"a_mode": "dynamic", "smooth_alpha": 0.5}), ("w4a4", {}))],
-    LayerCase("sdxl-w4a16-r128-attn", *SDXL_ATTN, "w4a16", {"rank": 128}, True, "float16", AMPERE_HOPPER),
+    # Low-rank branches of rank 64..256 through the activation pass and both GEMM epilogues (rank 64
+    # is the last with 128 x 128 GEMM tiles, see _narrow_n).
+    # sm_80 is where 128 x 128 GEMM tiles spilled at rank > 64; rank 256 is checked on both.
+    *[LayerCase(f"sdxl-{p}-r{r}-attn", *SDXL_ATTN, p, {"rank": r, **extra}, True, "float16",
+                AMPERE_HOPPER if r == 256 else AMPERE)
+      for p, extra, ranks in (("w8a8-rtn", {"a_mode": "dynamic", "smooth_alpha": 0.5}, (128, 256)),
+                              ("w4a4", {}, (64, 128, 256)))
+      for r in ranks],
+    LayerCase("sdxl-w4a16-r128-attn", *SDXL_ATTN, "w4a16", {"rank": 128}, True, "float16", AMPERE),
 ]
+# Every autotuning candidate the pruner keeps, compiled for sm_90 (the GEMMs only; named "<name>@<tile>").
+TUNED = [
+    LayerCase("tune-sdxl-w8a8", *SDXL_ATTN, "w8a8", {}, True, "float16", HOPPER, tile_configs=True),
+    LayerCase("tune-sdxl-w4a8", *SDXL_ATTN, "w4a8", {}, True, "float16", HOPPER, tile_configs=True),
+    LayerCase("tune-sdxl-w4a16", *SDXL_ATTN, "w4a16", {}, True, "float16", HOPPER, tile_configs=True),
+]
+CASES += TUNED
 
 # What each case launches: the activation pass (quantized activations or a low-rank branch), then a GEMM.
 ACT, INT_GEMM, WEIGHT_ONLY = "_act_kernel", "_int_gemm_kernel", "_weight_only_kernel"
@@ -162,6 +174,32 @@ def test_shared_memory_fits(reports, item):
     assert r.shared + r.static_shared <= r.shared_limit, (
         f"{r.shared + r.static_shared} B of shared memory, sm_{r.target} allows {r.shared_limit}"
     )
+
+
+def test_autotuning_candidates_compile_without_spills(reports):
+    """Each GEMM tile the autotuner may pick at these shapes compiles for sm_90 without spills, uses
+    int8 / 16-bit tensor cores, fits shared memory and loads the weight codes >= 32 bits wide."""
+    tuned = {k: r for k, r in reports.items() if "@" in k[0]}
+    for case in TUNED:
+        tiles = {k[0].split("@")[1] for k in tuned if k[0].startswith(case.name + "@")}
+        assert tiles, f"{case.name}: the pruner kept no candidate"
+    bad = []
+    for (layer, kernel, target), r in sorted(tuned.items()):
+        mma = " ".join(r.sass_mma)
+        wide = r.constexprs["BLOCK_M"] >= 64
+        problems = [
+            r.error and f"error {r.error[:200]}",
+            (r.stack or r.spill_stores or r.spill_loads) and f"{r.regs} regs, {r.stack} B stack, "
+                                                             f"{r.spill_stores} STL / {r.spill_loads} LDL",
+            r.shared + r.static_shared > r.shared_limit and f"{r.shared + r.static_shared} B shared memory",
+            (not r.code_loads or min(r.code_load_bits) < 32) and f"code loads {r.code_loads}",
+            kernel == INT_GEMM and ("IGMMA" if wide else "IMMA") not in mma and f"MMA {mma}",
+            kernel == WEIGHT_ONLY and ("HGMMA" if wide else "HMMA") not in mma and f"MMA {mma}",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            bad.append(f"{layer} {kernel} sm_{target}: " + "; ".join(problems))
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("item", [i for i in ITEMS if i[1] != ACT], ids=_id)
