@@ -18,10 +18,12 @@ from diffq.calibration import ActivationObserver, CalibrationStats
 from diffq.convert import convert_model
 from diffq.errors import QuantizationInputError, UnsupportedTargetError
 from diffq.layers import resolve_config
+from diffq.memory import available_memory
 from diffq.modules import QUANTIZED_MODULES
+from diffq.offload import Offloaded, safetensors_index
 from diffq.pipelines.adapters import Adapter, adapter_for, denoiser_name, denoiser_of
 from diffq.pipelines.calibrate import calibrate_pipeline, default_prompts
-from diffq.pipelines.loading import default_checkpoint, load_pipeline, resolve_model
+from diffq.pipelines.loading import default_checkpoint, denoiser_weight_files, load_pipeline, resolve_model
 from diffq.pipelines.managed import manage
 from diffq.pipelines.patching import install_timestep_hook
 from diffq.pipelines.plan_check import keep_better_than_uniform
@@ -243,6 +245,35 @@ def convert(target: Any, plan: QuantPlan, stats: CalibrationStats | None = None,
     return manage(target) if _is_pipeline(target) else target
 
 
+LOW_MEMORY_FACTOR = 2.0
+"""``low_memory="auto"`` offloads when the denoiser's float weights times this exceed the free memory
+(quantizing in memory peaks at 1.7–2.7x them: benchmarks/RESULTS.md, "Peak memory of diffq quantize")."""
+
+
+def _offload_denoiser(resolved: Any, denoiser: nn.Module, low_memory: bool | str, recipe: Recipe,
+                      is_pipe: bool, progress: bool) -> Offloaded | None:
+    """The denoiser with its weights on disk (:mod:`diffq.offload`) when ``low_memory`` asks for it."""
+    if low_memory not in (True, False, "auto"):
+        raise QuantizationInputError(f"low_memory={low_memory!r}; use True, False or 'auto'.")
+    if low_memory is True and recipe.is_mixed:
+        raise QuantizationInputError(
+            "low_memory=True works with uniform presets; mixed precision's sensitivity analysis quantizes each "
+            "layer in turn inside the whole model. Use a uniform preset, or low_memory=False."
+        )
+    if low_memory == "auto":
+        available = available_memory()
+        need = LOW_MEMORY_FACTOR * sum(t.numel() * t.element_size() for t in denoiser.state_dict().values())
+        low_memory = not recipe.is_mixed and available is not None and need > available
+    if not low_memory:
+        return None
+    files = denoiser_weight_files(resolved) if is_pipe else []
+    offloaded = Offloaded(denoiser, safetensors_index(files))
+    if progress and offloaded.spilled_bytes:
+        print(f"diffq: low memory: {offloaded.spilled_bytes / 2**20:,.0f} MiB of the denoiser's tensors are not in "
+              "its safetensors files and were written to a temporary file.")
+    return offloaded
+
+
 def _finish_conversion(model: nn.Module, plan: QuantPlan) -> None:
     """What follows swapping in a plan's quantized layers: the plan saved with the model, and the
     timestep made visible to the layers."""
@@ -307,6 +338,7 @@ def quantize(
     exclude: Patterns = None,
     temporal_bits: int | None = None,
     check: bool = True,
+    low_memory: bool | str = "auto",
     progress: bool = True,
     load_kwargs: Mapping[str, Any] | None = None,
     pipeline_class: type | str | None = None,
@@ -353,6 +385,10 @@ def quantize(
         check: mixed precision only: generate the calibration prompts with the solved plan and
             with the best uniform plan within the budget, and keep the one closer to full
             precision (the plan's ``note`` says which, with both scores).
+        low_memory: keep the float denoiser's weights on disk and read each layer's just before it runs
+            or is quantized (:mod:`diffq.offload`), so calibration and conversion hold one layer of float
+            weights at a time, not the model; the result is the same, bit for bit. ``"auto"`` (default):
+            when twice the denoiser's float weights exceed the free memory. Uniform presets only.
         progress: show progress bars.
         load_kwargs: passed to ``from_pretrained`` when diffq loads the pipeline.
         pipeline_class: with a single-file checkpoint as target (``"model.safetensors"``), the
@@ -404,19 +440,25 @@ def quantize(
 
     probe_prompts = prompts[:4] if prompts is not None else (default_prompts(resolved)[:4] if is_pipe else None)
 
-    stats = _calibration_stats(resolved, denoiser, layers, recipe, calibration, overrides, num_calibration_steps,
-                               progress, calibration_kwargs)
-    if recipe.is_mixed and sensitivity is None:
-        sensitivity = _measure_sensitivity(
-            resolved, stats, recipe.candidates, probe_prompts, num_inference_steps=num_calibration_steps,
-            metric=sensitivity_metric, include=include, exclude=exclude, progress=progress, **calibration_kwargs,
+    offloaded = _offload_denoiser(resolved, denoiser, low_memory, recipe, is_pipe, progress)
+    try:
+        stats = _calibration_stats(resolved, denoiser, layers, recipe, calibration, overrides, num_calibration_steps,
+                                   progress, calibration_kwargs)
+        if recipe.is_mixed and sensitivity is None:
+            sensitivity = _measure_sensitivity(
+                resolved, stats, recipe.candidates, probe_prompts, num_inference_steps=num_calibration_steps,
+                metric=sensitivity_metric, include=include, exclude=exclude, progress=progress, **calibration_kwargs,
+            )
+        plan = allocate(
+            resolved, stats, preset=recipe, budget=budget, sensitivity=sensitivity, check=check,
+            prompts=probe_prompts, num_inference_steps=num_calibration_steps, call_kwargs=calibration_kwargs,
+            temporal_bits=temporal_bits, include=include, exclude=exclude, progress=progress, **overrides,
         )
-    plan = allocate(
-        resolved, stats, preset=recipe, budget=budget, sensitivity=sensitivity, check=check, prompts=probe_prompts,
-        num_inference_steps=num_calibration_steps, call_kwargs=calibration_kwargs, temporal_bits=temporal_bits,
-        include=include, exclude=exclude, progress=progress, **overrides,
-    )
-    convert(resolved, plan, stats, progress=progress)
+        convert_model(denoiser, plan, stats, progress=progress)
+    finally:
+        if offloaded is not None:
+            offloaded.restore()
+    _finish_conversion(denoiser, plan)
 
     for name in extra_components:
         quantize_weights_only(getattr(resolved, name), recipe, progress=progress)

@@ -89,6 +89,9 @@ def _single_file_flags(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+LOW_MEMORY = {"auto": "auto", "on": True, "off": False}
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import diffq
     from diffq.pipelines.calibrate import default_prompts
@@ -106,7 +109,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration_prompts = len(prompts or default_prompts(pipe)) if recipe.needs_calibration() else None
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
                    temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
-                   include=args.include, exclude=args.exclude, check=not args.no_check, progress=not args.no_progress)
+                   include=args.include, exclude=args.exclude, check=not args.no_check, progress=not args.no_progress,
+                   low_memory=LOW_MEMORY[args.low_memory])
     seconds = time.perf_counter() - start
     plan = diffq.pipelines.serialization.plan_of(diffq.pipelines.denoiser_of(pipe))
     report = {
@@ -350,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     layer_selection_flags(q)
     q.add_argument("--sensitivity-metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
+    q.add_argument("--low-memory", choices=tuple(LOW_MEMORY), default="auto",
+                   help="keep the float denoiser's weights on disk, reading each layer's as it runs (same result); "
+                        "auto: when twice its weights exceed the free memory")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)
 

@@ -13,7 +13,9 @@ from diffq.errors import CheckpointError, QuantizationInputError
 from diffq.gptq import input_hessian
 from diffq.layers import conv_channel_weight, supports_branch
 from diffq.lowrank import split_low_rank
+from diffq.memory import return_freed_memory
 from diffq.modules import QMODULES, QUANTIZED_MODULES, quantized_class, weight_format
+from diffq.offload import loaded, release
 from diffq.plan import LayerConfig, QuantPlan
 from diffq.ranges import search_activation_clip, search_weight_clip
 from diffq.smoothing import smoothing_vector
@@ -131,11 +133,18 @@ def convert_model(
 ) -> nn.Module:
     """Replace every layer named in ``plan`` by its quantized module, in place; returns ``model``.
 
-    Layers with static activations, smoothing, MSE clipping or BOS handling read ``stats``.
+    Layers with static activations, smoothing, MSE clipping or BOS handling read ``stats``. A model
+    whose weights are on disk (:mod:`diffq.offload`) has each float layer read just before it is
+    quantized, and gone once its quantized twin is in place.
     """
     planned = _planned_layers(model, plan, QuantizationInputError, "Allocate a plan for this one (diffq.allocate).")
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
-        model.set_submodule(name, convert_layer(name, planned[name], config, stats))
+        layer = planned.pop(name)
+        with loaded(layer):
+            quantized = convert_layer(name, layer, config, stats)
+        model.set_submodule(name, quantized)
+        if release(layer):
+            return_freed_memory()
     return model
 
 

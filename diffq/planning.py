@@ -26,6 +26,7 @@ from diffq.calibration import CalibrationStats
 from diffq.errors import QuantizationInputError
 from diffq.layers import conv_channel_weight, layer_columns, resolve_config, supports_branch
 from diffq.modules import weight_format
+from diffq.offload import loaded
 from diffq.plan import ClipMethod, LayerConfig, QuantPlan
 from diffq.sensitivity import Candidate, Sensitivity, candidate_config
 from diffq.smoothing import ALPHA_CANDIDATES, search_alpha
@@ -127,7 +128,9 @@ def calibrated_plan(
         )
     planned = {}
     for name, module in tqdm(inputs.layers.items(), desc="diffq: planning layers", disable=not progress):
-        planned[name] = plan_layer(name, module, resolve_config(module, base), options, stats, inputs.splits.get(name))
+        with loaded(module):  # a layer whose weights are on disk (diffq.offload) is read for this
+            planned[name] = plan_layer(name, module, resolve_config(module, base), options, stats,
+                                       inputs.splits.get(name))
     return QuantPlan(preset=preset, layers=planned, skipped=dict(inputs.kept))
 
 

@@ -10,30 +10,13 @@ give) and lets the float tensors go.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import nn
 
 from diffq.convert import convert_layer
 from diffq.errors import CheckpointError
+from diffq.memory import return_freed_memory
 from diffq.plan import QuantPlan
-
-
-def _return_freed_memory() -> None:
-    """Ask glibc to hand the freed float weights back to the system (best effort; elsewhere a no-op).
-    Without it the allocator keeps them for reuse and the process's peak grows by about a third."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 class LayerLoader:
@@ -68,7 +51,7 @@ class LayerLoader:
             quantized = convert_layer(name, layer, self.plan.layers[name], None)
         model.set_submodule(name, quantized)  # the float layer and its weights go with it
         self._done.add(name)
-        _return_freed_memory()
+        return_freed_memory()
 
     def finish(self) -> None:
         """Check that every planned layer was loaded and quantized."""

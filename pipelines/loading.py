@@ -92,3 +92,23 @@ def load_pipeline(
             f"If you are offline, pass a local folder (model='/path/to/pipeline') or a bundled model "
             f"({bundled})."
         ) from err
+
+
+def denoiser_weight_files(pipe: Any) -> list[Path]:
+    """The safetensors files a pipeline's denoiser was loaded from (``config._name_or_path``: a local
+    folder, or a Hub id already in the local cache); empty when they cannot be found."""
+    from diffq.offload import denoiser_files
+    from diffq.pipelines.adapters import denoiser_name
+
+    source = getattr(pipe, "config", {}).get("_name_or_path")
+    if not source:
+        return []
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # not a Hub id, or not cached: the tensors are spilled instead
+            return []
+    return denoiser_files(folder / denoiser_name(pipe))
