@@ -9,6 +9,9 @@ from diffq.kernels.reference import fake_quantize_activations
 
 WEIGHT_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 ACTIVATION_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+SEARCH_CHUNK_ELEMENTS = 1 << 22
+"""Weights are searched this many elements (whole rows) at a time: each candidate's error is a few
+float32 copies of what it covers, so the search holds ~100 MiB at most, not 16x the layer's weight."""
 
 
 def search_weight_clip(
@@ -24,6 +27,18 @@ def search_weight_clip(
     """
     weight = weight.float()
     check_finite(weight)
+    rows, cols = weight.shape
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(cols, 1))
+    if fmt.granularity == "tensor" or rows <= step:
+        return _search_weight_clip(weight, fmt, importance, candidates)
+    # Blocks never span rows, so searching rows apart gives the same ratios.
+    return torch.cat([_search_weight_clip(weight[start:start + step], fmt, importance, candidates)
+                      for start in range(0, rows, step)])
+
+
+def _search_weight_clip(
+    weight: torch.Tensor, fmt: IntFormat, importance: torch.Tensor | None, candidates: tuple[float, ...]
+) -> torch.Tensor:
     blocks = block_view(weight, fmt)
     weights = None if importance is None else block_view(importance.float().expand_as(weight), fmt)
     low, high = block_range(blocks, fmt)  # the block ranges, once; each candidate only rescales them

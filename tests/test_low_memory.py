@@ -93,3 +93,17 @@ def test_low_memory_refuses_mixed_precision_and_bad_values():
         diffq.quantize(pipe, "w3.5a8", low_memory=True, progress=False)
     with pytest.raises(QuantizationInputError, match="low_memory="):
         diffq.quantize(pipe, "w8a8-rtn", low_memory="yes", progress=False)
+
+
+def test_weight_clip_search_in_row_chunks_gives_the_same_ratios(monkeypatch):
+    from diffq import ranges
+    from diffq.formats import IntFormat
+
+    torch.manual_seed(0)
+    weight, importance = torch.randn(300, 256), torch.rand(256)
+    for fmt in (IntFormat(8), IntFormat(4, False, "group", 64), IntFormat(8, True, "tensor")):
+        whole = ranges.search_weight_clip(weight, fmt, importance)
+        monkeypatch.setattr(ranges, "SEARCH_CHUNK_ELEMENTS", 256 * 7)  # 7 rows at a time, a ragged last chunk
+        chunked = ranges.search_weight_clip(weight, fmt, importance)
+        monkeypatch.undo()
+        assert torch.equal(whole, chunked)
