@@ -127,7 +127,7 @@ def _check_file(path: Path, allow_pickle: bool) -> None:
             "model_index.json), a bundled name, a Hub id, or a single-file .safetensors checkpoint."
         )
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise CheckpointError(
+        raise ModelLoadError(
             f"{path} is a pickle checkpoint ({suffix}), which can run code when it is read; diffq reads single "
             "files as .safetensors. Convert it to .safetensors, or, if you trust the file, pass allow_pickle=True "
             "(diffq.quantize: load_kwargs={'allow_pickle': True}; CLI: --allow-pickle)."

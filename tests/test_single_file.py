@@ -114,7 +114,7 @@ def test_pickle_checkpoint_only_with_opt_in(sd, tmp_path):
 
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(file))}, ckpt)
-    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+    with pytest.raises(ModelLoadError, match="allow_pickle=True"):
         diffq.load(ckpt, pipeline_class=StableDiffusionPipeline, config=folder)
     pipe = diffq.load(ckpt, pipeline_class=StableDiffusionPipeline, config=folder, allow_pickle=True)
     _assert_same_models(pipe, StableDiffusionPipeline.from_pretrained(folder), ("unet",))
