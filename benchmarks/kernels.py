@@ -12,7 +12,10 @@ quantized beforehand (the GEMM alone, no activation quantization): ``torch._int_
 int32, cuBLAS) and ``torch._scaled_mm`` on float8 e4m3 operands with one scale per tensor and with
 one scale per row of each operand (row-wise; bfloat16 output), where the GPU has fp8 (sm_89+). A
 second table shows what the rank-``r`` low-rank branch of ``w4a4`` costs fused into the kernels,
-against adding it with two separate matmuls. ``--budget`` caps the run: shapes that do not fit are
+against adding it with two separate matmuls. A third times SDXL's 3x3 convolutions (batch 2 at
+1024x1024: 320 channels at 128x128, 640 at 64x64, 1280 at 32x32) through
+:func:`diffq.kernels.triton_ops.quantized_conv2d_triton` (the implicit-GEMM kernel) against a
+16-bit ``F.conv2d`` (cuDNN). ``--budget`` caps the run: shapes that do not fit are
 listed as skipped. ``--results DIR`` writes ``results.md`` and ``results.json`` there.
 
 Without CUDA it says so and times the pure-torch reference path (what CPU users run) on small
@@ -52,6 +55,9 @@ SHAPES = [
 ]
 CPU_SHAPES = [("SDXL", 640, 640), ("SDXL", 640, 5120), ("SDXL", 1280, 1280), ("Flux", 3072, 3072)]
 CPU_TOKENS = 256
+# (model, batch, channels, latent size) of 3x3, stride-1, channels -> channels convolutions.
+CONV_SHAPES = [("SDXL", 2, 320, 128), ("SDXL", 2, 640, 64), ("SDXL", 2, 1280, 32)]
+CPU_CONV_SHAPES = [("SDXL", 1, 320, 16)]
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,40 @@ def lowrank_rows(shapes, tokens: int, rank: int, dtype: torch.dtype, device: str
     return rows
 
 
+def conv_layer(preset: Preset, channels: int, dtype: torch.dtype, device: str) -> dict:
+    """A quantized 3x3 ``channels -> channels`` convolution of ``preset`` (no dynamic activations)."""
+    kw = layer(preset, channels * 9, channels, 0, dtype, device)
+    kw.pop("in_features")
+    kw.pop("act_group_size")
+    if kw["act_scale"] is not None:
+        kw["act_scale"] = kw["act_scale"].reshape(1)
+    kw.update(weight_shape=(channels, channels, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
+              smooth=None)
+    return kw
+
+
+def conv_rows(shapes, dtype: torch.dtype, device: str, timer, kernel, deadline: Deadline | None = None
+              ) -> list[list[str]]:
+    """One row per convolution shape and preset (static activations, weight-only): time, TFLOP/s
+    (``2 M N K`` with ``M`` output pixels, ``K = 9 C``) and speedup over ``F.conv2d`` in ``dtype``."""
+    rows = []
+    deadline = deadline or Deadline(None)
+    for model, batch, channels, size in shapes:
+        what = f"{batch}x{channels}x{size}x{size} 3x3"
+        if deadline.over(f"conv {model} {what}"):
+            continue
+        x = torch.randn(batch, channels, size, size, device=device).to(dtype)
+        w = torch.randn(channels, channels, 3, 3, device=device).to(dtype) * 0.02
+        M, K = batch * size * size, 9 * channels
+        base = timer(lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1))
+        rows.append([model, what, f"F.conv2d {str(dtype).removeprefix('torch.')}", f"{base:.3f}",
+                     f"{tflops(M, K, channels, base):.2f}", "1.00"])
+        for preset in (p for p in PRESETS if p.act_bits is None or p.static):
+            ms = timer(call(kernel, x, conv_layer(preset, channels, dtype, device)))
+            rows.append([model, what, preset.name, f"{ms:.3f}", f"{tflops(M, K, channels, ms):.2f}", f"{base / ms:.2f}"])
+    return rows
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -260,9 +300,10 @@ def machine() -> str:
 def run(tokens: int, rank: int, budget: float | None = None) -> tuple[str, dict]:
     """Time everything; the report as markdown, and its tables as data."""
     if torch.cuda.is_available():
-        from diffq.kernels.triton_ops import quantized_linear_triton
+        from diffq.kernels.triton_ops import quantized_conv2d_triton, quantized_linear_triton
 
         device, dtype, shapes, timer, kernel = "cuda", torch.float16, SHAPES, gpu_time, quantized_linear_triton
+        conv_shapes, conv_kernel = CONV_SHAPES, quantized_conv2d_triton
         title = f"Triton kernels on {machine()}, {tokens} tokens, float16 activations"
         with_branch = "fused ms"
     else:
@@ -270,12 +311,14 @@ def run(tokens: int, rank: int, budget: float | None = None) -> tuple[str, dict]
         tokens = min(tokens, CPU_TOKENS)
         torch.set_num_threads(1)  # steadier on a shared machine; the table says so
         device, dtype, shapes, timer, kernel = "cpu", torch.float32, CPU_SHAPES, cpu_time, reference.quantized_linear
+        conv_shapes, conv_kernel = CPU_CONV_SHAPES, reference.quantized_conv2d
         title = f"Reference path (no CUDA) on {machine()}, 1 thread, {tokens} tokens, float32 activations"
         with_branch = "reference with branch ms"
     torch.manual_seed(0)
     deadline = Deadline(budget)
     gemm = gemm_rows(shapes, tokens, dtype, device, timer, kernel, deadline, torch_gemms=device == "cuda")
     lowrank = lowrank_rows(shapes, tokens, rank, dtype, device, timer, kernel, deadline)
+    conv = conv_rows(conv_shapes, dtype, device, timer, conv_kernel, deadline)
     gemm_header = ["model", "M x K x N", "path", "ms", "TFLOP/s", "x matmul"]
     lowrank_header = ["model", "M x K x N", f"{LOWRANK_PRESET.name} ms", with_branch, "+ separate matmuls ms"]
     parts = [
@@ -283,6 +326,8 @@ def run(tokens: int, rank: int, budget: float | None = None) -> tuple[str, dict]
         markdown(gemm_header, gemm),
         f"Low-rank branch, rank {rank}, on {LOWRANK_PRESET.name}:",
         markdown(lowrank_header, lowrank),
+        "3x3 convolutions (implicit GEMM; static activation scales or weight-only):",
+        markdown(gemm_header, conv),
     ]
     if device == "cuda":
         parts.insert(2, "torch._int_mm / torch._scaled_mm rows: operands quantized beforehand, the GEMM alone "
@@ -290,7 +335,8 @@ def run(tokens: int, rank: int, budget: float | None = None) -> tuple[str, dict]
     if deadline.skipped:
         parts.append(f"Skipped (over the {budget:.0f} s budget): {', '.join(deadline.skipped)}.")
     data = {"title": title, "tokens": tokens, "rank": rank, "gemm": {"header": gemm_header, "rows": gemm},
-            "lowrank": {"header": lowrank_header, "rows": lowrank}, "skipped": deadline.skipped}
+            "lowrank": {"header": lowrank_header, "rows": lowrank}, "conv": {"header": gemm_header, "rows": conv},
+            "skipped": deadline.skipped}
     return "\n\n".join(parts), data
 
 
@@ -304,9 +350,10 @@ def dry_run() -> str:
     shapes = [(model, 64, 64) for model, _, _ in SHAPES[:1]]
     gemm = gemm_rows(shapes, 32, torch.float32, "cpu", _once, reference.quantized_linear, torch_gemms=True)
     lowrank = lowrank_rows(shapes, 32, 16, torch.float32, "cpu", _once, reference.quantized_linear)
+    conv = conv_rows([("SDXL", 1, 32, 8)], torch.float32, "cpu", _once, reference.quantized_conv2d)
     notes = [f"{r[2]}: {r[3]}" for r in gemm if r[3].startswith("unavailable")]  # fp8 on a CPU build without it
     return (f"kernels.py dry run: {len(SHAPES)} shapes, {len(PRESETS)} presets; {len(gemm)} GEMM rows and "
-            f"{len(lowrank)} low-rank rows ran once at 32x64x64 on the CPU"
+            f"{len(lowrank)} low-rank rows ran once at 32x64x64 on the CPU, {len(conv)} convolution rows at 1x32x8x8"
             + (f"; not runnable on this CPU (runs on CUDA): {'; '.join(notes)}" if notes else ""))
 
 

@@ -58,7 +58,7 @@ __all__ = [
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 MAX_REGS = 255  # per thread, every target here
 
-_KERNELS = ("_act_kernel", "_int_gemm_kernel", "_weight_only_kernel")
+_KERNELS = ("_act_kernel", "_int_gemm_kernel", "_weight_only_kernel", "_conv_kernel", "_conv_lowrank_kernel")
 _KERNELS_FILE = Path(__file__).with_name("triton_ops.py")
 
 
@@ -67,7 +67,9 @@ _KERNELS_FILE = Path(__file__).with_name("triton_ops.py")
 
 @dataclass(frozen=True)
 class LayerCase:
-    """One quantized linear layer call: ``x [m, k] -> [m, n]`` of a preset's layer config.
+    """One quantized linear layer call: ``x [m, k] -> [m, n]`` of a preset's layer config, or with
+    ``conv=(kernel, stride, padding, size)`` a convolution from ``k`` to ``n`` channels on
+    ``x [m, k, size, size]``.
 
     ``overrides`` replace fields of the preset's :class:`diffq.plan.LayerConfig` (``rank``,
     ``w_symmetric``, ``smooth_alpha``, ...); ``targets`` are the compute capabilities to compile for.
@@ -86,13 +88,15 @@ class LayerCase:
     dtype: str = "float16"
     targets: tuple[int, ...] = (90,)
     tile_configs: bool = False
+    conv: tuple[int, int, int, int] | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> LayerCase:
-        return cls(**{**d, "targets": tuple(d["targets"])})
+        conv = None if d.get("conv") is None else tuple(d["conv"])
+        return cls(**{**d, "targets": tuple(d["targets"]), "conv": conv})
 
 
 @dataclass
@@ -126,6 +130,7 @@ class KernelReport:
     ptx_mma: dict = field(default_factory=dict)  # PTX matrix instruction -> count
     sass_mma: dict = field(default_factory=dict)  # SASS matrix instruction -> count
     code_loads: dict = field(default_factory=dict)  # PTX loads of packed weight codes: "<bits>-bit <op>" -> count
+    input_loads: dict = field(default_factory=dict)  # PTX loads from x_ptr (activations or patches), likewise
     zero_loads: dict = field(default_factory=dict)  # PTX loads of uint8 zero points (wz_ptr), likewise
     sass_global_loads: dict = field(default_factory=dict)  # SASS LDG/LDGSTS variants -> count
     compile_s: float = 0.0
@@ -220,9 +225,9 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _meta_counts_as_cuda(ops: ModuleType):
-    """Let :func:`unsupported_reason` accept ``meta`` tensors, as it does CPU ones under the
-    interpreter (its only use of ``INTERPRET``); every other check still applies."""
-    original = ops.unsupported_reason
+    """Let ``_input_reason`` accept ``meta`` tensors, as it does CPU ones under the interpreter
+    (its only use of ``INTERPRET``); every other check still applies."""
+    original = ops._input_reason
 
     def reason(x, *args, **kwargs):
         saved, ops.INTERPRET = ops.INTERPRET, x.device.type == "meta"
@@ -231,11 +236,11 @@ def _meta_counts_as_cuda(ops: ModuleType):
         finally:
             ops.INTERPRET = saved
 
-    ops.unsupported_reason = reason
+    ops._input_reason = reason
     try:
         yield
     finally:
-        ops.unsupported_reason = original
+        ops._input_reason = original
 
 
 def record_launches(case: LayerCase, ops: ModuleType) -> list[Launch]:
@@ -252,26 +257,41 @@ def record_launches(case: LayerCase, ops: ModuleType) -> list[Launch]:
 
     config = dataclasses.replace(get_preset(case.preset).layer, **case.overrides)
     dtype = getattr(torch, case.dtype)
-    layer = modules.QuantizedLinear(case.k, case.n, config, bias=case.bias, dtype=dtype, device="meta")
+    if case.conv is None:
+        layer = modules.QuantizedLinear(case.k, case.n, config, bias=case.bias, dtype=dtype, device="meta")
+        x = torch.empty(case.m, case.k, dtype=dtype, device="meta")
+    else:
+        kernel, stride, padding, size = case.conv
+        layer = modules.QuantizedConv2d(case.k, case.n, (kernel, kernel), config, (stride, stride), (padding, padding),
+                                        (1, 1), 1, case.bias, dtype, "meta")
+        x = torch.empty(case.m, case.k, size, size, dtype=dtype, device="meta")
     log: list[Launch] = []
     saved = {name: getattr(ops, name) for name in _KERNELS}
     for name in _KERNELS:
         setattr(ops, name, _Recorder(name, saved[name], log))
 
-    def triton_linear(x, qweight, w_scale, w_zero, *, codes=None, **kwargs):
-        reason = ops.unsupported_reason(x, qweight, w_scale, w_zero, **kwargs)
-        if reason is not None:
-            raise ValueError(f"{case.name}: Triton would not run this layer: {reason}")
-        return ops.quantized_linear_triton(x, qweight, w_scale, w_zero, **kwargs)
+    def on_triton(op: str):
+        check = ops.unsupported_reason if op == "quantized_linear" else ops.conv2d_unsupported_reason
+        launcher = ops.quantized_linear_triton if op == "quantized_linear" else ops.quantized_conv2d_triton
+
+        def run(x, qweight, w_scale, w_zero, *, codes=None, **kwargs):
+            reason = check(x, qweight, w_scale, w_zero, **kwargs)
+            if reason is not None:
+                raise ValueError(f"{case.name}: Triton would not run this layer: {reason}")
+            return launcher(x, qweight, w_scale, w_zero, **kwargs)
+
+        return run
 
     dispatch = modules.kernels
-    original = dispatch.quantized_linear
+    originals = {op: getattr(dispatch, op) for op in ("quantized_linear", "quantized_conv2d")}
     try:
-        dispatch.quantized_linear = triton_linear
+        for op in originals:
+            setattr(dispatch, op, on_triton(op))
         with _meta_counts_as_cuda(ops):
-            layer(torch.empty(case.m, case.k, dtype=dtype, device="meta"))
+            layer(x)
     finally:
-        dispatch.quantized_linear = original
+        for op, fn in originals.items():
+            setattr(dispatch, op, fn)
         for name, fn in saved.items():
             setattr(ops, name, fn)
     return log
@@ -469,6 +489,9 @@ def compile_launch(launch: Launch, capability: int, with_sass: bool = True) -> K
         report.code_loads = dict(ptx_loads_from_param(ptx, runtime.index("qw_ptr")))
         if launch.kwargs.get("HAS_ZERO"):
             report.zero_loads = dict(ptx_loads_from_param(ptx, runtime.index("wz_ptr")))
+    if "x_ptr" in names:
+        runtime = [n for n in names if signature[n] != "constexpr"]
+        report.input_loads = dict(ptx_loads_from_param(ptx, runtime.index("x_ptr")))
     report.code = text_section(cubin, launch.kernel)
     if with_sass:
         add_sass([report])
@@ -544,16 +567,16 @@ def _short(counts: dict) -> str:
 
 def format_table(reports: list[KernelReport]) -> str:
     """One line per kernel x target: registers, spills, shared memory, MMA, weight-code loads."""
-    rows = [("kernel", "sm", "flags", "regs", "stack", "STL/LDL", "smem KiB", "MMA (SASS)", "code loads (PTX)",
+    rows = [("kernel", "sm", "flags", "regs", "stack", "STL/LDL", "smem KiB", "MMA (SASS)", "code loads (PTX)", "x loads (PTX)",
              "compile s")]
     for r in reports:
         flags = ",".join(f"{k}={v}" for k, v in r.constexprs.items() if v not in (False, None))
         if r.error:
-            rows.append((r.kernel, str(r.target), flags, "ERROR", r.error.splitlines()[0][:60], "", "", "", "", ""))
+            rows.append((r.kernel, str(r.target), flags, "ERROR", r.error.splitlines()[0][:60], "", "", "", "", "", ""))
             continue
         rows.append((
             r.kernel, str(r.target), flags, str(r.regs), str(r.stack), f"{r.spill_stores}/{r.spill_loads}",
-            f"{(r.shared + r.static_shared) / 1024:.1f}", _short(r.sass_mma), _short(r.code_loads),
+            f"{(r.shared + r.static_shared) / 1024:.1f}", _short(r.sass_mma), _short(r.code_loads), _short(r.input_loads),
             f"{r.compile_s:.1f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

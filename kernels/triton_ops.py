@@ -1,6 +1,6 @@
-"""Triton kernels for quantized linear layers; :func:`reference.quantized_linear` defines them.
+"""Triton kernels for quantized linear and convolution layers; :mod:`reference` defines them.
 
-Three kernels, picked per call by :func:`quantized_linear_triton`:
+Three kernels for linear layers, picked per call by :func:`quantized_linear_triton`:
 
 * ``_act_kernel`` — the activation pass: ``x / smooth``, symmetric quantization to int8 values
   (any width 2..8 bits) with a dynamic scale per token or per token group, or a static scale,
@@ -38,8 +38,18 @@ Tiles: on CUDA each GEMM autotunes once per shape bucket (``triton.autotune`` ov
 ``INT_CONFIGS`` / ``WEIGHT_ONLY_CONFIGS``, pruned per call by :func:`prune_gemm_configs`; the
 winners are kept per GPU name in ``~/.cache/diffq/autotune.json``; ``DIFFQ_AUTOTUNE=0`` turns it
 off); the interpreter, float32 weight-only calls and callers passing ``blocks`` use the fixed
-:func:`_gemm_blocks`. 1x1 convolutions run as linear layers over their pixels
-(:func:`quantized_conv2d_triton`).
+:func:`_gemm_blocks`.
+
+Convolutions (:func:`quantized_conv2d_triton`): unpadded 1x1 ones run as linear layers over their
+pixels; every other one -- k x k, strided, dilated, padded, over a skip concatenation with a
+static scale per part -- as an implicit GEMM (:func:`implicit_gemm_conv2d`): ``_conv_kernel``
+gathers each ``[pixels, channel x tap]`` patch tile straight from ``x`` (in the weight's stored
+column order, so weight groups and the packed codes are the linear layers'), quantizes it as it
+loads it with the static scale and runs the integer GEMM and epilogue of ``_int_gemm_kernel``
+(or the weight-only one's), after ``_conv_lowrank_kernel`` for a low-rank branch. Dynamic
+activation scales on k x k kernels stay on the reference (a patch mixes pixels whose scales
+differ, so no integer sum can be scaled once), as do grouped convolutions. The patch loads are
+16-bit gathers (a K tile spans several taps), not vector copies.
 
 Under ``TRITON_INTERPRET=1`` (tests on CPU) every float ``tl.dot`` casts its operands to
 float32 after the 16-bit rounding above, so the interpreter computes the same numbers;
@@ -64,6 +74,7 @@ from diffq.kernels.packing import packed_cols
 __all__ = [
     "quantized_linear_triton",
     "quantized_conv2d_triton",
+    "implicit_gemm_conv2d",
     "unsupported_reason",
     "conv2d_unsupported_reason",
     "act_quant_lowrank",
@@ -341,6 +352,142 @@ def _weight_only_kernel(
                     stride_l2n, stride_ym, HAS_LORA, L2_FP32, HAS_BIAS, R_PAD, INTERPRET)
 
 
+@triton.jit
+def _patch_tile(x_ptr, smooth_ptr, offs_m, offs_k, M, K, H, W, HO, WO, TAPS, KW, SH, SW, PH, PW, DH, DW,
+                stride_xn, stride_xc, stride_xh, stride_xw, HAS_SMOOTH: tl.constexpr):
+    """A ``[BLOCK_M, BLOCK_K]`` tile of ``x``'s patches (im2col, never built): rows are output
+    pixels ``(n, oh, ow)``, columns the weight's stored order ``channel * TAPS + tap``.
+
+    Returns ``x`` (zeros outside the image) in its dtype, and ``smooth`` per column as float32
+    (ones without smoothing).
+    """
+    n = offs_m // (HO * WO)
+    pixel = offs_m % (HO * WO)
+    ih0, iw0 = pixel // WO * SH - PH, pixel % WO * SW - PW  # the patch's top-left corner
+    c, tap = offs_k // TAPS, offs_k % TAPS
+    dh, dw = tap // KW * DH, tap % KW * DW
+    ih = ih0[:, None] + dh[None, :]
+    iw = iw0[:, None] + dw[None, :]
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    mask = inside & ((offs_m < M)[:, None] & (offs_k < K)[None, :])
+    # Separable address: one per row (pixel) plus one per column (channel, tap), then a 2-D add.
+    row = n * stride_xn + ih0 * stride_xh + iw0 * stride_xw
+    col = c * stride_xc + dh * stride_xh + dw * stride_xw
+    offs = row[:, None] + col[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_SMOOTH:
+        sm = tl.load(smooth_ptr + c, mask=offs_k < K, other=1.0).to(tl.float32)
+    else:
+        sm = tl.full([offs_k.shape[0]], 1.0, tl.float32)
+    return x, sm
+
+
+@triton.jit
+def _conv_kernel(
+    x_ptr, smooth_ptr, static_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
+    M, N, K, KP, R, OFFSET, W_GROUP, SEG_COL,
+    H, W, HO, WO, TAPS, KW, SH, SW, PH, PW, DH, DW,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
+    stride_tm, stride_l2r, stride_l2n, stride_ym,
+    MODE: tl.constexpr, W_BITS: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZERO: tl.constexpr,
+    HAS_CORR: tl.constexpr, W_GROUPED: tl.constexpr, SEGMENTED: tl.constexpr, QMAX: tl.constexpr,
+    FP32: tl.constexpr, HAS_LORA: tl.constexpr, L2_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Implicit-GEMM convolution ``y [pixels, out] = patches(x / smooth) @ W^T + t @ L2 + bias``.
+
+    ``MODE`` 0: the patches are quantized as they are loaded, with the static scale of their
+    channel segment (``static_ptr[0]`` before column ``SEG_COL``, ``static_ptr[1]`` from it on),
+    and multiplied by the packed 4/8-bit codes as ``int8 x int8 -> int32``; 1 (weight-only): float
+    patches times the codes' integer values, as ``_weight_only_kernel`` does.
+    """
+    CENTER: tl.constexpr = 8 if W_BITS == 4 else 128
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    rsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x, sm = _patch_tile(x_ptr, smooth_ptr, offs_m, offs_k, M, K, H, W, HO, WO, TAPS, KW, SH, SW, PH, PW, DH,
+                            DW, stride_xn, stride_xc, stride_xh, stride_xw, HAS_SMOOTH)
+        if MODE == 1:
+            a = x
+            if HAS_SMOOTH:
+                a = tl.div_rn(x.to(tl.float32), sm[None, :]).to(x_ptr.dtype.element_ty)
+            g = k0 // W_GROUP
+            v = _load_codes(qw_ptr, offs_n, k0, N, K, KP, stride_wn, W_BITS, BLOCK_N, BLOCK_K).to(tl.int32) - OFFSET
+            if HAS_ZERO:
+                v -= tl.load(wz_ptr + offs_n * stride_wzn + g * stride_wzg, mask=offs_n < N, other=0).to(tl.int32)[None, :]
+            if INTERPRET:  # the interpreter cannot convert int32 to bfloat16 directly
+                v = v.to(tl.float32)
+            b = v.to(a.dtype)  # integers |v| <= 255: exact in fp16, bf16 and fp32
+            if W_GROUPED:
+                p = _fdot(a, b, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32, INTERPRET)
+                acc += p * _load_row_vector(ws_ptr, offs_n, g, N, stride_wsn, stride_wsg)[None, :]
+            else:
+                acc = _fdot(a, b, acc, FP32, INTERPRET)
+        else:
+            s_a = tl.load(static_ptr + (k0 >= SEG_COL).to(tl.int32)).to(tl.float32)
+            v = _round_half_even(tl.div_rn(tl.div_rn(x.to(tl.float32), sm[None, :]), s_a))
+            a = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+            codes = _load_codes(qw_ptr, offs_n, k0, N, K, KP, stride_wn, W_BITS, BLOCK_N, BLOCK_K)
+            if W_BITS == 4:
+                b = codes.to(tl.int8) - CENTER
+            else:
+                b = (codes ^ 0x80).to(tl.int8, bitcast=True)  # code - 128
+            if W_GROUPED or SEGMENTED:  # BLOCK_K divides the weight groups and the segments
+                p = tl.dot(a, b, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32))
+                if HAS_CORR:
+                    c = _code_correction(wz_ptr, offs_n, k0 // W_GROUP, N, OFFSET, stride_wzn, stride_wzg,
+                                         HAS_ZERO, CENTER, BLOCK_N)
+                    p += tl.sum(a.to(tl.int32), axis=1)[:, None] * c[None, :]
+                pf = p.to(tl.float32)
+                if W_GROUPED:
+                    pf *= _load_row_vector(ws_ptr, offs_n, k0 // W_GROUP, N, stride_wsn, stride_wsg)[None, :]
+                acc += pf * s_a
+            else:
+                acc_i = tl.dot(a, b, acc_i)
+                if HAS_CORR:
+                    rsum += tl.sum(a.to(tl.int32), axis=1)
+    if MODE == 0 and not (W_GROUPED or SEGMENTED):
+        if HAS_CORR:
+            c = _code_correction(wz_ptr, offs_n, 0, N, OFFSET, stride_wzn, stride_wzg, HAS_ZERO, CENTER, BLOCK_N)
+            acc_i += rsum[:, None] * c[None, :]
+        acc = acc_i.to(tl.float32) * tl.load(static_ptr).to(tl.float32)
+    if not W_GROUPED:
+        acc *= _load_row_vector(ws_ptr, offs_n, 0, N, stride_wsn, stride_wsg)[None, :]
+    _epilogue_store(acc, offs_m, offs_n, M, N, R, t_ptr, l2_ptr, bias_ptr, y_ptr, stride_tm, stride_l2r,
+                    stride_l2n, stride_ym, HAS_LORA, L2_FP32, HAS_BIAS, R_PAD, INTERPRET)
+
+
+@triton.jit
+def _conv_lowrank_kernel(
+    x_ptr, smooth_ptr, l1_ptr, t_ptr, M, R, K,
+    H, W, HO, WO, TAPS, KW, SH, SW, PH, PW, DH, DW,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_l1k, stride_l1r, stride_tm,
+    HAS_SMOOTH: tl.constexpr, L1_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``t = patches(x / smooth) @ L1`` in float32: a convolution's low-rank down-projection (a
+    ``kh x kw`` convolution to ``R`` channels), with ``x / smooth`` rounded to ``L1``'s dtype."""
+    pid_m, pid_n = _tile_ids(M, R, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x, sm = _patch_tile(x_ptr, smooth_ptr, offs_m, offs_k, M, K, H, W, HO, WO, TAPS, KW, SH, SW, PH, PW, DH,
+                            DW, stride_xn, stride_xc, stride_xh, stride_xw, HAS_SMOOTH)
+        l1_mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
+        l1 = tl.load(l1_ptr + offs_k[:, None] * stride_l1k + offs_r[None, :] * stride_l1r, mask=l1_mask, other=0.0)
+        t = _fdot(tl.div_rn(x.to(tl.float32), sm[None, :]).to(l1.dtype), l1, t, L1_FP32, INTERPRET)
+    mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=mask)
+
+
 # --------------------------------------------------------------------------- launch configuration
 
 
@@ -380,6 +527,18 @@ def _gemm_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool = False,
     warps = 8 if block_m == 128 else 4
     block_n = 64 if narrow_n else 128
     return Blocks(block_m, block_n, block_k, warps=warps, stages=4 if block_k <= 64 else 3)
+
+
+def _conv_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool) -> Blocks:
+    """Tiles of the implicit-GEMM convolution: :func:`_gemm_blocks`' with 64-column, 64-deep tiles.
+
+    Gathering a patch tile costs registers a GEMM's activation tile does not (a row and a
+    column address, the image-edge masks): at 128 x 128 (or 128-deep) tiles every variant
+    spilled on some target (up to 328 B of stack on sm_90); ``tests/test_kernels_compiled.py``
+    compiles these for SDXL's convolutions.
+    """
+    b = _gemm_blocks(M, K, seg, int_path, fp32=fp32, narrow_n=True)
+    return b if INTERPRET or fp32 else Blocks(b.m, b.n, min(b.k, 32), b.warps, 3)
 
 
 def _narrow_n(zero_tiles: bool, rank: int) -> bool:
@@ -441,12 +600,40 @@ def unsupported_reason(
 ) -> str | None:
     """Why this call goes to the reference instead of Triton (``None``: Triton runs it)."""
     K = in_features
+    reason = _input_reason(x)
+    if reason is None and (x.numel() == 0 or x.shape[-1] != K):
+        reason = "empty input or feature count mismatch"
+    return reason or _operands_reason(
+        qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset, K=K, act_bits=act_bits,
+        act_scale=act_scale, a_group=_activation_group(K, act_bits, act_scale, act_group_size),
+        lowrank_down=lowrank_down, lowrank_up=lowrank_up,
+    )
+
+
+def _input_reason(x: torch.Tensor) -> str | None:
+    """Why ``x``'s device or dtype keeps a call off Triton."""
     if x.device.type != "cuda" and not INTERPRET:
         return f"tensors on {x.device.type}, Triton runs on CUDA"
     if x.dtype not in _FLOATS:
         return f"activations in {x.dtype}"
-    if x.numel() == 0 or x.shape[-1] != K:
-        return "empty input or feature count mismatch"
+    return None
+
+
+def _operands_reason(
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    K: int,
+    act_bits: int | None,
+    act_scale: torch.Tensor | None,
+    a_group: int | None,
+    lowrank_down: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+) -> str | None:
+    """Why the weights, scales or factors of a GEMM with ``K`` columns keep it off Triton."""
     if w_bits not in (4, 8):
         return f"{w_bits}-bit weights (Triton handles 4 and 8)"
     if w_code_offset not in (0, 2 ** (w_bits - 1)):
@@ -466,7 +653,6 @@ def unsupported_reason(
         return f"in_features {K} > {_MAX_INT_K} could overflow the int32 accumulator"
     if act_scale is not None and act_bits is not None and act_scale.numel() != 1:
         return "static activation scale is not a scalar"
-    a_group = _activation_group(K, act_bits, act_scale, act_group_size)
     if a_group is not None and (a_group < 32 or a_group & (a_group - 1) or a_group > 1024):
         return f"activation group {a_group} (Triton needs a power of two in 32..1024)"
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
@@ -573,18 +759,105 @@ def conv2d_unsupported_reason(
     lowrank_down: torch.Tensor | None = None,
     lowrank_up: torch.Tensor | None = None,
 ) -> str | None:
-    """Why this convolution runs the reference instead of the linear Triton kernels (``None``: they run it).
+    """Why this convolution runs the reference instead of Triton (``None``: Triton runs it).
 
-    ``dilation`` does not matter to a 1x1 kernel; a stride samples the input first.
+    Unpadded 1x1 convolutions run the linear kernels (any activation scheme; ``dilation`` does not
+    matter, a stride samples the input first); every other one the implicit-GEMM kernel, for
+    weight-only layers and static activation scales (:func:`_implicit_gemm_reason`).
     """
-    reason = _conv_as_linear_reason(x, weight_shape, padding, groups, act_bits, act_scale, act_segments)
+    kwargs = dict(w_bits=w_bits, w_code_offset=w_code_offset, weight_shape=weight_shape, stride=stride,
+                  padding=padding, dilation=dilation, groups=groups, bias=bias, act_bits=act_bits,
+                  act_scale=act_scale, act_segments=act_segments, act_group_size=act_group_size, smooth=smooth,
+                  lowrank_down=lowrank_down, lowrank_up=lowrank_up)
+    if _conv_as_linear_reason(x, weight_shape, padding, groups, act_bits, act_scale, act_segments) is None:
+        return unsupported_reason(
+            _pixels(x, stride), qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset,
+            in_features=weight_shape[1], bias=bias, act_bits=act_bits, act_scale=act_scale,
+            act_group_size=act_group_size, smooth=smooth, lowrank_down=lowrank_down, lowrank_up=lowrank_up,
+        )
+    return _implicit_gemm_reason(x, qweight, w_scale, w_zero, **kwargs)
+
+
+def _conv_padding(padding: tuple[int, int] | str, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of zeros before the image (``'same'``: PyTorch's split, the odd one after)."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    return int(padding[0]), int(padding[1])
+
+
+def _conv_output(x: torch.Tensor, weight_shape: tuple[int, int, int, int], stride: tuple[int, int],
+                 padding: tuple[int, int] | str, dilation: tuple[int, int]) -> tuple[int, int]:
+    """``(H_out, W_out)`` of the convolution, as ``F.conv2d`` computes them."""
+    if padding == "same":
+        return x.shape[2], x.shape[3]
+    pads = _conv_padding(padding, weight_shape[2:], dilation)
+    return tuple((x.shape[2 + i] + 2 * pads[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1) // stride[i] + 1
+                 for i in (0, 1))
+
+
+def _conv_segment(K: int, taps: int, w_scale: torch.Tensor, act_segments: tuple[int, ...]) -> int:
+    """Columns over which the weight scale and the activation segment are both constant."""
+    w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else K
+    return math.gcd(K, w_group, act_segments[0] * taps if act_segments else K)
+
+
+def _implicit_gemm_reason(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    weight_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+    groups: int,
+    bias: torch.Tensor | None,
+    act_bits: int | None,
+    act_scale: torch.Tensor | None,
+    act_segments: tuple[int, ...],
+    act_group_size: int | None,
+    smooth: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+) -> str | None:
+    """Why :func:`implicit_gemm_conv2d` cannot run this convolution (``None``: it can)."""
+    out, channels, kh, kw = weight_shape
+    if x.dim() != 4 or x.shape[1] != channels * groups:
+        return "input is not [N, C, H, W] with the weight's channels"
+    reason = _input_reason(x)
     if reason is not None:
         return reason
-    return unsupported_reason(
-        _pixels(x, stride), qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset,
-        in_features=weight_shape[1], bias=bias, act_bits=act_bits, act_scale=act_scale,
-        act_group_size=act_group_size, smooth=smooth, lowrank_down=lowrank_down, lowrank_up=lowrank_up,
-    )
+    if groups != 1:
+        return f"groups={groups}"
+    if act_bits is not None and act_scale is None:
+        return (f"dynamic activation scales on a {kh}x{kw} (or padded) convolution: a patch mixes pixels with "
+                "different scales (Triton runs those for unpadded 1x1 kernels only)")
+    if len(act_segments) > 1 or (act_bits is not None and act_scale.numel() != len(act_segments) + 1):
+        return "activation segments other than one split with a static scale each"
+    if isinstance(padding, str) and (padding not in ("same", "valid") or (padding == "same" and tuple(stride) != (1, 1))):
+        return f"padding {padding!r} with stride {stride}"
+    if min(_conv_output(x, weight_shape, stride, padding, dilation)) <= 0 or x.numel() == 0:
+        return "empty input or output"
+    K = channels * kh * kw
+    reason = _operands_reason(qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset, K=K,
+                              act_bits=act_bits, act_scale=None, a_group=None, lowrank_down=lowrank_down,
+                              lowrank_up=lowrank_up)
+    if reason is not None:
+        return reason
+    seg = _conv_segment(K, kh * kw, w_scale, act_segments)
+    min_tile = 16 if act_bits is None else 32
+    if seg != K and _pow2_divisor(seg) < min_tile:
+        return f"scale groups or segments of {seg} columns (Triton needs K tiles of at least {min_tile})"
+    if smooth is not None and smooth.numel() != channels:
+        return "smoothing vector is not one value per input channel"
+    if bias is not None and bias.numel() != out:
+        return "bias is not one value per output channel"
+    return None
 
 
 def quantized_conv2d_triton(
@@ -594,15 +867,19 @@ def quantized_conv2d_triton(
     w_zero: torch.Tensor | None,
     **kwargs,
 ) -> torch.Tensor:
-    """:func:`reference.quantized_conv2d` for 1x1 convolutions on the linear kernels: the pixels
-    are tokens (``[N, C, H, W] -> [N H W, C]``), the result goes back to ``[N, out, H, W]``.
+    """:func:`reference.quantized_conv2d` on Triton: unpadded 1x1 convolutions on the linear
+    kernels (the pixels are tokens, ``[N, C, H, W] -> [N H W, C]``), other ones on the
+    implicit-GEMM kernel; the result is ``[N, out, H', W']``, contiguous.
 
-    Every other convolution (and any call the linear kernels cannot serve) runs the reference.
-    ``kwargs`` are the reference's keyword arguments.
+    Calls neither can serve (:func:`conv2d_unsupported_reason`) run the reference. ``kwargs`` are
+    the reference's keyword arguments.
     """
     if conv2d_unsupported_reason(x, qweight, w_scale, w_zero, **kwargs) is not None:
         return reference.quantized_conv2d(x, qweight, w_scale, w_zero, **kwargs)
     act_scale = kwargs.get("act_scale")
+    if _conv_as_linear_reason(x, kwargs["weight_shape"], kwargs["padding"], kwargs["groups"], kwargs.get("act_bits"),
+                              act_scale, kwargs.get("act_segments", ())) is not None:
+        return implicit_gemm_conv2d(x, qweight, w_scale, w_zero, **kwargs)
     tokens = _pixels(x, kwargs["stride"]).contiguous()
     y = quantized_linear_triton(
         tokens, qweight, w_scale, w_zero, w_bits=kwargs["w_bits"], w_code_offset=kwargs["w_code_offset"],
@@ -768,6 +1045,94 @@ def weight_only_gemm(
                  W_GROUPED=w_group is not None, X_FP32=fp32, INTERPRET=INTERPRET)
     _launch("weight_only", _weight_only_kernel, tuned, blocks, M, N, args, flags, x2.device)
     return y
+
+
+def implicit_gemm_conv2d(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    *,
+    w_bits: int,
+    w_code_offset: int,
+    weight_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+    groups: int = 1,
+    bias: torch.Tensor | None = None,
+    act_bits: int | None = None,
+    act_scale: torch.Tensor | None = None,
+    act_segments: tuple[int, ...] = (),
+    act_group_size: int | None = None,
+    smooth: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
+    blocks: Blocks | None = None,
+) -> torch.Tensor:
+    """:func:`reference.quantized_conv2d` as an implicit GEMM: the kernels read each patch tile
+    from ``x`` (any strides, so channels-last too) and never build the im2col matrix.
+
+    With static activation scales ``_conv_kernel`` quantizes the patches as it loads them and
+    multiplies them by the int8 weight codes; weight-only layers multiply the float patches by the
+    codes' values. A low-rank branch's down-projection (a ``kh x kw`` convolution to ``r``
+    channels) runs first (``_conv_lowrank_kernel``); the GEMM's epilogue adds its up-projection
+    and the bias. Tiles are :func:`_gemm_blocks`' (convolutions do not autotune yet);
+    :func:`_implicit_gemm_reason` says what this accepts.
+    """
+    n_images, channels, height, width = x.shape
+    out, _, kh, kw = weight_shape
+    taps = kh * kw
+    K = channels * taps
+    ho, wo = _conv_output(x, weight_shape, stride, padding, dilation)
+    M = n_images * ho * wo
+    geometry = (height, width, ho, wo, taps, kw, *stride, *_conv_padding(padding, (kh, kw), dilation), *dilation,
+                *x.stride())
+    smooth = None if smooth is None else smooth.contiguous()
+    t = None
+    if lowrank_down is not None and lowrank_up is not None and lowrank_down.shape[1]:
+        t = _conv_lowrank(x, smooth, lowrank_down, M, K, geometry)
+    int_path = act_bits is not None
+    seg = _conv_segment(K, taps, w_scale, act_segments)
+    w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
+    fp32 = x.dtype == torch.float32 and not int_path
+    rank = 0 if t is None else t.shape[1]
+    blocks = blocks or _conv_blocks(M, K, seg, int_path, fp32)
+    qweight = qweight.contiguous()
+    y = torch.empty((M, out), dtype=x.dtype, device=x.device)
+    (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, None if bias is None else bias.contiguous(), y)
+    static = act_scale.reshape(-1).to(device=x.device, dtype=torch.float32) if int_path else y
+    seg_col = act_segments[0] * taps if int_path and act_segments else K
+    grid = (triton.cdiv(M, blocks.m) * triton.cdiv(out, blocks.n),)
+    _conv_kernel[grid](
+        x, y if smooth is None else smooth, static, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
+        M, out, K, qweight.shape[1], rank, w_code_offset, w_group or K, seg_col, *geometry,
+        qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero), *lstrides, y.stride(0),
+        **flags, MODE=0 if int_path else 1, W_BITS=w_bits, HAS_SMOOTH=smooth is not None,
+        HAS_ZERO=w_zero is not None, HAS_CORR=int_path and (w_zero is not None or w_code_offset != 2 ** (w_bits - 1)),
+        W_GROUPED=w_group is not None, SEGMENTED=int_path and bool(act_segments),
+        QMAX=2 ** (act_bits - 1) - 1 if int_path else 1, FP32=fp32, INTERPRET=INTERPRET,
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m,
+        num_warps=blocks.warps, num_stages=blocks.stages,
+    )
+    return y.view(n_images, ho, wo, out).permute(0, 3, 1, 2).contiguous()
+
+
+def _conv_lowrank(x: torch.Tensor, smooth: torch.Tensor | None, lowrank_down: torch.Tensor, M: int, K: int,
+                  geometry: tuple) -> torch.Tensor:
+    """``patches(x / smooth) @ lowrank_down`` as float32 ``[M, r]`` (``_conv_lowrank_kernel``)."""
+    rank = lowrank_down.shape[1]
+    t = torch.empty((M, rank), dtype=torch.float32, device=x.device)
+    fp32 = lowrank_down.dtype == torch.float32
+    b = _gemm_blocks(M, K, K, int_path=False, fp32=fp32)
+    block_n = min(b.n, _rank_pad(rank))
+    _conv_lowrank_kernel[(triton.cdiv(M, b.m) * triton.cdiv(rank, block_n),)](
+        x, t if smooth is None else smooth, lowrank_down, t, M, rank, K, *geometry,
+        lowrank_down.stride(0), lowrank_down.stride(1), t.stride(0),
+        HAS_SMOOTH=smooth is not None, L1_FP32=fp32, BLOCK_M=b.m, BLOCK_N=block_n, BLOCK_K=b.k,
+        GROUP_M=b.group_m, INTERPRET=INTERPRET, num_warps=b.warps, num_stages=b.stages,
+    )
+    return t
 
 
 def _launch(kind: str, kernel, tuned: bool, blocks: Blocks, M: int, N: int, args: tuple, flags: dict,

@@ -8,6 +8,7 @@ output dtype's rounding on top.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from diffq.kernels import pack, reference, unpack
 
@@ -103,6 +104,45 @@ def expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[torch
         q, s = reference.quantize_activations(xs32, kw["act_bits"], kw.get("act_scale"), kw["act_group_size"])
         a64 = q.double() * s.double()
         u_act = 0.0
+    return _bound(a64, xs64, w64, u_act, kw, K, UNIT[x.dtype])
+
+
+def conv_expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expected_and_tolerance` for a convolution (``kw``: the reference's keyword arguments):
+    the float64 function over the patches (``F.unfold``, the weight's column order), rows are the
+    output pixels ``(n, oh, ow)``. Static activation scales only (elementwise, per channel segment)."""
+    out, channels, kh, kw_ = kw["weight_shape"]
+    K = channels * kh * kw_
+    smooth = kw.get("smooth")
+    x64 = x.double()
+    xs64 = x64 if smooth is None else x64 / smooth.double().reshape(1, -1, 1, 1)
+    if kw["act_bits"] is None:
+        a64, u_act = xs64, (UNIT[x.dtype] if smooth is not None else 0.0)
+    else:  # the float32 reference's codes, per channel segment with its static scale
+        xs32 = x.float() if smooth is None else x.float() / smooth.float().reshape(1, -1, 1, 1)
+        bounds = [0, *kw.get("act_segments", ()), channels]
+        scales = kw["act_scale"].reshape(-1)
+        parts = []
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            q, s = reference.quantize_activations(xs32[:, lo:hi].reshape(-1, 1), kw["act_bits"], scales[i])
+            parts.append((q.double() * s.double()).reshape(xs32[:, lo:hi].shape))
+        a64, u_act = torch.cat(parts, dim=1), 0.0
+    padding = kw["padding"]
+    if padding == "same":
+        padding = tuple(d * (k - 1) // 2 for k, d in zip((kh, kw_), kw["dilation"], strict=True))
+    elif padding == "valid":
+        padding = (0, 0)
+
+    def patches(t):
+        cols = F.unfold(t, (kh, kw_), dilation=kw["dilation"], padding=padding, stride=kw["stride"])
+        return cols.transpose(1, 2).reshape(-1, K)
+
+    w64 = dequantize64(qweight, w_scale, w_zero, bits=kw["w_bits"], cols=K, code_offset=kw["w_code_offset"])
+    return _bound(patches(a64), patches(xs64), w64, u_act, kw, K, UNIT[x.dtype])
+
+
+def _bound(a64, xs64, w64, u_act: float, kw: dict, K: int, u_out: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 result and its error bound, from the activations (as the GEMM sees them) and the weight."""
     main = a64 @ w64.t()
     mag = a64.abs() @ w64.abs().t()
     err = u_act * mag

@@ -28,10 +28,18 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels module is i
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from kernel_cases import CASES, UNIT, Case, expected_and_tolerance, make_inputs  # noqa: E402,F401
+from kernel_cases import (  # noqa: E402,F401
+    CASES,
+    UNIT,
+    Case,
+    conv_expected_and_tolerance,
+    expected_and_tolerance,
+    make_inputs,
+)
 
 from diffq.kernels import dispatch as kernels  # noqa: E402
 from diffq.kernels import pack, reference  # noqa: E402
@@ -219,11 +227,113 @@ def test_1x1_convolution_runs_the_linear_kernels(case, shape, stride):
     assert torch.equal(y, linear.permute(0, 3, 1, 2))
 
 
+@dataclass(frozen=True)
+class ConvCase:
+    """One quantized convolution for the implicit-GEMM kernel: weights as ``w_bits``/``w_group``/``asym``,
+    activations static (``act_bits``, one scale per segment) or 16-bit (``None``)."""
+
+    name: str
+    x: tuple[int, int, int, int]
+    out: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    w_bits: int
+    w_group: int | None
+    act_bits: int | None
+    dilation: tuple[int, int] = (1, 1)
+    asym: bool = False
+    split: int | None = None
+    rank: int = 0
+    bias: bool = False
+    smooth: bool = False
+    dtype: torch.dtype = torch.float16
+    channels_last: bool = False
+
+
+IMPLICIT_GEMM_CASES = [
+    ConvCase("w4a8-g64-3x3-r16-bias-smooth", (2, 64, 5, 6), 40, (3, 3), (1, 1), (1, 1), 4, 64, 8, rank=16,
+             bias=True, smooth=True),
+    ConvCase("w8a8-ch-3x3-s2-split-bf16", (1, 64, 7, 6), 24, (3, 3), (2, 2), (1, 1), 8, None, 8, split=32,
+             bias=True, dtype=torch.bfloat16),
+    ConvCase("w4a8-g64-asym-3x3-same-dil2-fp32", (1, 64, 6, 5), 24, (3, 3), (1, 1), "same", 4, 64, 8,
+             dilation=(2, 2), asym=True, dtype=torch.float32),
+    ConvCase("w4a4-ch-1x1-padded-split-cl", (2, 64, 3, 4), 24, (1, 1), (1, 1), (1, 1), 4, None, 4, split=32,
+             smooth=True, channels_last=True),
+    ConvCase("w4a16-g64-3x3-r16-bias-smooth", (2, 64, 5, 4), 40, (3, 3), (1, 1), (1, 1), 4, 64, None, rank=16,
+             bias=True, smooth=True),
+    ConvCase("w8a16-ch-asym-3x3-s2-valid-bf16", (1, 32, 7, 7), 24, (3, 3), (2, 2), "valid", 8, None, None,
+             asym=True, dtype=torch.bfloat16),
+    ConvCase("w4a16-g64-4x4-s2-r16-fp32", (1, 32, 6, 6), 24, (4, 4), (2, 2), (1, 1), 4, 64, None, rank=16,
+             dtype=torch.float32),
+]
+
+
+def _conv_inputs(case: ConvCase):
+    n, channels, h, w = case.x
+    cols = channels * case.kernel[0] * case.kernel[1]
+    blocks = 1 if case.w_group is None else cols // case.w_group
+    codes = torch.randint(0, 2**case.w_bits, (case.out, cols), dtype=torch.uint8)
+    w_scale = ((torch.rand(case.out, blocks) + 0.5) * 0.02).to(case.dtype)
+    w_zero = torch.randint(0, 2**case.w_bits, (case.out, blocks), dtype=torch.uint8) if case.asym else None
+    x = torch.randn(*case.x).to(case.dtype)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    kw = dict(w_bits=case.w_bits, w_code_offset=0 if case.asym else 2 ** (case.w_bits - 1),
+              weight_shape=(case.out, channels, *case.kernel), stride=case.stride, padding=case.padding,
+              dilation=case.dilation, groups=1, act_bits=case.act_bits,
+              act_segments=(case.split,) if case.split else (),
+              bias=torch.randn(case.out).to(case.dtype) if case.bias else None,
+              smooth=(torch.rand(channels) + 0.5).to(case.dtype) if case.smooth else None)
+    if case.act_bits is not None:  # clips the largest activations, so the clamp is exercised
+        segments = 2 if case.split else 1
+        kw["act_scale"] = torch.tensor([0.7, 0.5][:segments]) * 3.0 / (2 ** (case.act_bits - 1) - 1)
+    if case.rank:
+        kw["lowrank_down"] = (torch.randn(cols, case.rank) / cols**0.5).to(case.dtype)
+        kw["lowrank_up"] = (torch.randn(case.rank, case.out) / case.rank**0.5).to(case.dtype)
+    return x, pack(codes, case.w_bits), w_scale, w_zero, kw
+
+
+@pytest.mark.parametrize("case", IMPLICIT_GEMM_CASES, ids=lambda c: c.name)
+def test_implicit_gemm_convolution_matches_float64_reference(case):
+    """k x k, strided, dilated, padded, split and channels-last convolutions run the implicit-GEMM
+    kernel, within the linear kernels' bound of the float64 function over the patches (as the
+    reference convolution is), with the reference's shape and dtype."""
+    x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+    assert triton_ops.conv2d_unsupported_reason(x, qweight, w_scale, w_zero, **kw) is None
+    assert triton_ops._conv_as_linear_reason(x, kw["weight_shape"], kw["padding"], 1, kw["act_bits"],
+                                             kw.get("act_scale"), kw["act_segments"]) is not None
+    y = triton_ops.quantized_conv2d_triton(x, qweight, w_scale, w_zero, **kw)
+    ref = reference.quantized_conv2d(x, qweight, w_scale, w_zero, **kw)
+    assert y.shape == ref.shape and y.dtype == ref.dtype and y.is_contiguous()
+    expected, tol = conv_expected_and_tolerance(x, qweight, w_scale, w_zero, kw)
+    for result in (y, ref):
+        err = (result.permute(0, 2, 3, 1).reshape(-1, case.out).double() - expected).abs()
+        assert bool((err <= tol).all())  # a padded border's outputs are exact: error and bound 0
+
+
+def test_implicit_gemm_quantizes_patches_as_the_reference_does():
+    """With a weight of a single 1 per output channel, each output is one quantized input value:
+    the kernel's activation codes equal the reference's bit for bit (ties to even, clamping)."""
+    channels, out = 32, 32
+    x = (torch.randint(-300, 300, (1, channels, 4, 5)) * 0.25).to(torch.float32)  # many exact .5 ties
+    codes = torch.full((out, channels * 9), 128, dtype=torch.uint8)
+    for o in range(out):
+        codes[o, o * 9 + 4] = 129  # value 1 at the centre tap of channel o
+    kw = dict(w_bits=8, w_code_offset=128, weight_shape=(out, channels, 3, 3), stride=(1, 1), padding=(1, 1),
+              dilation=(1, 1), groups=1, act_bits=8, act_scale=torch.tensor([0.5]), act_segments=())
+    w_scale = torch.ones(out, 1)
+    y = triton_ops.quantized_conv2d_triton(x, pack(codes, 8), w_scale, None, **kw)
+    assert torch.equal(y, torch.round(x / 0.5).clamp(-128, 127) * 0.5)
+    assert torch.equal(y, reference.quantized_conv2d(x, pack(codes, 8), w_scale, None, **kw))
+
+
 @pytest.mark.parametrize("change, reason", [
-    (dict(weight_shape=(24, 32, 3, 3)), "3x3 kernel"),
+    (dict(weight_shape=(24, 32, 3, 3)), "dynamic activation scales"),
     (dict(groups=2, weight_shape=(24, 16, 1, 1)), "groups=2"),
-    (dict(padding=(1, 1)), "padding"),
-    (dict(act_segments=(16,)), "segment"),
+    (dict(padding=(1, 1)), "dynamic activation scales"),
+    (dict(act_segments=(16,)), "dynamic activation scales"),
+    (dict(weight_shape=(24, 32, 3, 3), act_scale=torch.tensor([0.1, 0.2]), act_segments=(12,)), "segments of"),
 ])
 def test_other_convolutions_run_the_reference(change, reason):
     N, C, out = 1, 32, 24

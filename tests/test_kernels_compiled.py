@@ -9,7 +9,11 @@ every value in registers (no local-memory spills), runs its products on the tens
 ones for the integer GEMMs), fits the target's shared memory and reads the packed weight codes at
 least 32 bits per thread (vector or ``cp.async`` copies, no ``LDG.E.U8``). The activation pass and
 the GEMM epilogues are also compiled at ranks 64, 128 and 256 (the largest Triton takes), where
-register pressure is highest. :mod:`diffq.kernels.compiled` does the work, in one
+register pressure is highest. SDXL's 3x3 convolutions (W8A8, W4A8 ± split ± zero points and a
+rank-32 branch, the stride-2 downsampler, W4A16/W8A16) compile through a real
+``QuantizedConv2d.forward`` to the implicit-GEMM kernels, checked the same way; their patch tiles
+are 16-bit gathers (reported in the table's ``x loads`` column, not asserted).
+:mod:`diffq.kernels.compiled` does the work, in one
 fresh process per session (the session's Triton is the interpreter's); Triton's on-disk cache
 makes later sessions faster.
 
@@ -81,18 +85,43 @@ TUNED = [
     LayerCase("tune-sdxl-w4a16", *SDXL_ATTN, "w4a16", {}, True, "float16", HOPPER, tile_configs=True),
 ]
 CASES += TUNED
+# SDXL's UNet convolutions (3x3, implicit GEMM) at 1024x1024: batch 2 (classifier-free guidance), the
+# 64x64 latent level with 640 channels; a resnet conv, an up-block conv over a skip concatenation
+# (split 640 + 640 -> 640, a static scale per part) and the stride-2 downsampler.
+CONV_640, CONV_SPLIT, CONV_DOWN = (3, 1, 1, 64), (3, 1, 1, 64), (3, 2, 1, 64)
+CONVS = [
+    LayerCase("sdxl-conv3x3-w8a8", 2, 640, 640, "w8a8", {}, True, "float16", ALL, conv=CONV_640),
+    LayerCase("sdxl-conv3x3-w4a8", 2, 640, 640, "w4a8", {}, True, "float16", AMPERE_HOPPER, conv=CONV_640),
+    LayerCase("sdxl-conv3x3-w4a8-split", 2, 1280, 640, "w4a8", {"a_split": 640}, True, "float16", HOPPER,
+              conv=CONV_SPLIT),
+    LayerCase("sdxl-conv3x3-w4a8-asym-r32", 2, 640, 640, "w4a8", {"w_symmetric": False, "rank": 32}, True,
+              "float16", HOPPER, conv=CONV_640),
+    LayerCase("sdxl-down-w8a8", 2, 640, 640, "w8a8", {}, True, "float16", HOPPER, conv=CONV_DOWN),
+    LayerCase("sdxl-conv3x3-w4a16", 2, 640, 640, "w4a16", {}, True, "float16", ALL, conv=CONV_640),
+    LayerCase("sdxl-conv3x3-w8a16", 2, 640, 640, "w8a16", {}, True, "float16", HOPPER, conv=CONV_640),
+]
+CASES += CONVS
 
-# What each case launches: the activation pass (quantized activations or a low-rank branch), then a GEMM.
+# What each case launches: the activation pass (quantized activations or a low-rank branch), then a GEMM;
+# a convolution its low-rank down-projection (if any), then the implicit GEMM.
 ACT, INT_GEMM, WEIGHT_ONLY = "_act_kernel", "_int_gemm_kernel", "_weight_only_kernel"
+CONV, CONV_LOWRANK = "_conv_kernel", "_conv_lowrank_kernel"
 
 
 def _kernels(case):
     int_path = case.preset not in ("w4a16", "w8a16")
-    has_act = int_path or case.overrides.get("rank", 0) > 0
-    return ([ACT] if has_act else []) + [INT_GEMM if int_path else WEIGHT_ONLY]
+    has_rank = case.overrides.get("rank", 0) > 0
+    if case.conv is not None:
+        return ([CONV_LOWRANK] if has_rank else []) + [CONV]
+    return ([ACT] if int_path or has_rank else []) + [INT_GEMM if int_path else WEIGHT_ONLY]
 
 
-ITEMS = [(c, k, t) for c in CASES if c.name.endswith("-attn") or c.m < 64 for k in _kernels(c) for t in c.targets]
+def _int_path(case):
+    return case.preset not in ("w4a16", "w8a16")
+
+
+ITEMS = [(c, k, t) for c in CASES if c.name.endswith("-attn") or c.m < 64 or c.conv
+         for k in _kernels(c) for t in c.targets]
 
 def _config(case):
     """The case's name without its shape (``-attn`` / ``-ff``)."""
@@ -157,10 +186,10 @@ def test_tensor_core_instructions(reports, item):
     half = "BF16" if case.dtype == "bfloat16" else "F16"
     # sm_80/sm_89: mma.sync (IMMA/HMMA); sm_90: warpgroup MMA (IGMMA/HGMMA) for the 128-row GEMM tiles.
     wide = target >= 90 and r.constexprs.get("BLOCK_M", 0) >= 64
-    if kernel == INT_GEMM:
+    if kernel == INT_GEMM or (kernel == CONV and _int_path(case)):
         assert ("IGMMA" if wide else "IMMA") in sass and ".S8.S8" in sass, f"no int8 tensor-core MMA: {sass}"
         assert ".s32.s8.s8" in ptx, ptx
-    if kernel == WEIGHT_ONLY or r.constexprs.get("HAS_LORA"):
+    if kernel in (WEIGHT_ONLY, CONV_LOWRANK) or (kernel == CONV and not _int_path(case)) or r.constexprs.get("HAS_LORA"):
         hmma = [op for op in r.sass_mma if op.startswith("HGMMA" if wide else "HMMA")]
         assert hmma, f"no 16-bit tensor-core MMA: {sass}"
         assert all(op.endswith(".BF16") == (half == "BF16") for op in hmma), hmma
@@ -202,7 +231,7 @@ def test_autotuning_candidates_compile_without_spills(reports):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("item", [i for i in ITEMS if i[1] != ACT], ids=_id)
+@pytest.mark.parametrize("item", [i for i in ITEMS if i[1] not in (ACT, CONV_LOWRANK)], ids=_id)
 def test_weight_codes_load_at_least_32_bits(reports, item):
     """Packed weight codes are read 32..128 bits per thread (PTX ``ld.global.v*`` / ``cp.async``
     from ``qw_ptr``), and the SASS has no byte-wise global load but those of the zero points
