@@ -180,14 +180,15 @@ def quantized_layers(model: nn.Module) -> dict[str, int]:
 @contextmanager
 def fallbacks(device: str) -> Iterator[dict[str, int]]:
     """Counts, by reason, the quantized calls that the device's kernels hand to the reference (their
-    ``unsupported_reason`` said why); CUDA: the Triton linear kernels, CPU: diffq's CPU kernels."""
+    ``unsupported_reason`` said why); CUDA: the Triton kernels (a 1x1 convolution that falls back
+    is counted by both checks), CPU: diffq's CPU kernels."""
     if device == "cuda":
         try:
             from diffq.kernels import triton_ops as module
         except ImportError as exc:  # the dispatch then runs every linear call on the reference
             yield {f"the Triton kernels do not import: {exc}"[:100]: 1}
             return
-        names = ["unsupported_reason"]
+        names = ["unsupported_reason", "conv2d_unsupported_reason"]
     else:
         from diffq.kernels import cpu as module
 

@@ -377,6 +377,23 @@ def test_cuda_convolution_kernel_hands_1x1_convolutions_to_triton(monkeypatch):
     assert torch.equal(y, triton_ops.quantized_conv2d_triton(x, qweight, w_scale, w_zero, **conv_kw))
 
 
+def test_cuda_convolution_kernel_hands_3x3_convolutions_to_the_implicit_gemm(monkeypatch):
+    """A split 3x3 convolution with static scales goes from the op's CUDA kernel to the implicit GEMM."""
+    monkeypatch.delenv("DIFFQ_KERNELS", raising=False)
+    monkeypatch.delenv("DIFFQ_NO_TRITON", raising=False)
+    monkeypatch.setattr(kernels, "_triton_launcher", lambda name: getattr(triton_ops, name))
+    launched = []
+    implicit = triton_ops.implicit_gemm_conv2d
+    monkeypatch.setattr(triton_ops, "implicit_gemm_conv2d", lambda *a, **k: launched.append(1) or implicit(*a, **k))
+    case = IMPLICIT_GEMM_CASES[1]
+    x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+    y = kernels._conv2d_cuda(x, qweight, w_scale, w_zero, kw["w_bits"], kw["w_code_offset"], list(kw["weight_shape"]),
+                             list(kw["stride"]), list(kw["padding"]), None, list(kw["dilation"]), 1, kw["bias"],
+                             kw["act_bits"], kw["act_scale"], list(kw["act_segments"]), None, None, None, None, None)
+    assert launched == [1]
+    assert torch.equal(y, implicit(x, qweight, w_scale, w_zero, **kw))
+
+
 def test_autotuning_pruner_keeps_tiles_that_suit_the_call():
     """Pure-Python pruning of the autotuning candidates: K tiles inside scale groups, M tiles that
     follow the token count, 64-column tiles where 128 spill, stages within shared memory."""
