@@ -17,7 +17,8 @@
 #   env      60  the GPU, torch/Triton versions, carried wheels installed, diffq staged
 #   tests    80  the kernel tests natively on CUDA (no TRITON_INTERPRET): tests/test_gpu_check.py's CUDA
 #                tests (every kernel case and real SDXL/Flux shapes against the float64 reference) and
-#                the CUDA tests of tests/test_integration.py (torch.compile, model CPU offload)
+#                the CUDA tests of tests/test_integration.py (torch.compile, model CPU offload) and the
+#                peak GPU memory of low-memory quantization (tests/test_low_memory.py, seconds)
 #   kernels  90  benchmarks/kernels.py: each kernel vs torch.matmul fp16/bf16, torch._int_mm int8,
 #                torch._scaled_mm fp8 (tensor- and row-wise), the low-rank branch fused vs separate
 #   step    230  benchmarks/gpu_step.py: one SDXL UNet and one Flux.1 transformer step at full size,
@@ -66,7 +67,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # The native GPU tests (their dry-run test, which runs this script, is left out).
 GPU_TESTS=(tests/test_gpu_check.py tests/test_integration.py::test_torch_compile_on_gpu
-           tests/test_integration.py::test_model_cpu_offload_where_supported)
+           tests/test_integration.py::test_model_cpu_offload_where_supported
+           "tests/test_low_memory.py::test_peak_memory_is_one_block_of_float_weights_plus_the_quantized_model[cuda]")
 FAILED=0
 
 cap() {  # cap PHASE DEFAULT: the phase's time cap in seconds

@@ -42,6 +42,7 @@ def _activation_scales(
         members[bisect.bisect_right(bounds, t)].append(t)
     edges = [0, config.a_split, channels] if config.a_split else [0, channels]
     table = torch.zeros(config.a_groups, len(edges) - 1)
+    smooth = None if smooth is None else smooth.cpu()  # with the statistics, which are on the CPU
     for g, steps in enumerate(members):
         channel_absmax = stats.channel_absmax(name, steps)
         rows = stats.sample(name, steps) if config.a_clip == "mse" else None
@@ -70,7 +71,8 @@ def _weight_to_quantize(
     smooth = None
     if config.smooth_alpha is not None:
         channel_weight = layer.weight if linear else conv_channel_weight(layer)
-        smooth = smoothing_vector(stats.channel_absmax(name), channel_weight.detach(), config.smooth_alpha)
+        absmax = stats.channel_absmax(name).to(channel_weight.device)
+        smooth = smoothing_vector(absmax, channel_weight.detach(), config.smooth_alpha)
     weight2d = layer.weight.float().reshape(layer.weight.shape[0], -1)
     if smooth is not None:
         weight2d = weight2d * smooth.repeat_interleave(taps)
@@ -153,6 +155,7 @@ def needs_statistics(config: LayerConfig) -> bool:
     return config.static_activations or config.smooth_alpha is not None or config.bos or config.w_round == "gptq"
 
 
+@torch.no_grad()  # the weights are parameters: without it the searches keep autograd graphs (~28x a weight)
 def convert_layer(name: str, layer: nn.Module, config: LayerConfig, stats: CalibrationStats | None) -> nn.Module:
     """The quantized twin of one float layer (``layer`` is read, not modified)."""
     _check_float(layer, repr(name))
@@ -163,6 +166,8 @@ def convert_layer(name: str, layer: nn.Module, config: LayerConfig, stats: Calib
         )
     quantized_cls = _quantized_class(layer, name)
     rows = stats.sample(name) if stats is not None else None
+    if rows is not None:
+        rows = rows.to(layer.weight.device)  # the statistics are on the CPU; the weight may be on a GPU
     smooth, weight2d, lowrank, importance = _weight_to_quantize(name, layer, config, stats, rows)
     clip = _weight_clip(layer, config, weight2d, importance)
     bos = stats.bos.get(name) if config.bos else None

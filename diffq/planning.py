@@ -89,14 +89,15 @@ def plan_layer(
     rows = stats.sample(name)
     if supports_branch(module) and options.smoothing and rows is not None and rows.shape[0] >= 8:
         linear = isinstance(module, nn.Linear)
+        device = module.weight.device  # the statistics are on the CPU; the weight may be on a GPU
         # A convolution is searched as the Linear map of each kernel tap (its weight as [out × taps, in]),
         # without the low-rank branch, whose SVD is of the [out, in × taps] weight.
         changes["smooth_alpha"] = search_alpha(
-            rows,
+            rows.to(device),
             module.weight.detach() if linear else conv_channel_weight(module),
             weight_format(config),
             config.a_bits,
-            stats.channel_absmax(name),
+            stats.channel_absmax(name).to(device),
             dynamic=config.a_mode == "dynamic",
             candidates=options.alphas,
             rank=config.rank if linear else 0,

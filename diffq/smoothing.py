@@ -54,7 +54,7 @@ def layer_error(
         branch = (x @ down) @ up
     w_q = fake_quantize(w, w_fmt, check=False)
     if a_bits is not None:
-        scale = None if dynamic else torch.tensor(float(absmax.max()) / (2 ** (a_bits - 1) - 1))
+        scale = None if dynamic else torch.tensor(float(absmax.max()) / (2 ** (a_bits - 1) - 1), device=x.device)
         x = fake_quantize_activations(x, a_bits, scale, a_group_size if dynamic else None)
     return float((x @ w_q.t() + branch - reference).pow(2).mean())
 

@@ -1,11 +1,15 @@
 """Low-memory quantization: the float denoiser's weights stay on disk and each layer's are read just
 before it runs or is quantized (diffq.offload); the quantized model is the in-memory path's, bit for bit."""
 
+from itertools import chain
+
 import pytest
 import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
 import diffq
+import diffq.api
 from diffq.errors import QuantizationInputError
 from diffq.offload import Offloaded, denoiser_files, safetensors_index
 from diffq.pipelines.adapters import denoiser_of
@@ -107,3 +111,116 @@ def test_weight_clip_search_in_row_chunks_gives_the_same_ratios(monkeypatch):
         chunked = ranges.search_weight_clip(weight, fmt, importance)
         monkeypatch.undo()
         assert torch.equal(whole, chunked)
+
+
+# --- peak memory: one block of float weights at a time (issue #20 item 1), on the CPU and on CUDA ----------------
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in chain(module.parameters(), module.buffers()))
+
+
+def _largest_block(denoiser: nn.Module) -> int:
+    """Float bytes of the largest unit the denoiser runs in turn: a block of one of its block lists, or another child."""
+    units = [u for child in denoiser.children() for u in (child if isinstance(child, nn.ModuleList) else [child])]
+    return max(_bytes(u) for u in units)
+
+
+def _flux_with_blocks(folder):
+    """The tiny Flux pipeline with a 256-wide transformer of 1 + 10 blocks (48 MiB in float32, its largest block
+    9 MiB), saved to ``folder``."""
+    pipe = tiny_flux_pipeline()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=10, attention_head_dim=64, num_attention_heads=4,
+        joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=(16, 24, 24),
+    ).eval()
+    FluxPipeline(**{**pipe.components, "transformer": transformer}).save_pretrained(folder)
+
+
+class _PeakMemory:
+    """The most bytes allocated on ``device`` between :meth:`start` and :meth:`stop`, above the level at start.
+
+    On CUDA, the caching allocator's statistics (``max_memory_allocated``). On the CPU, the profiler's record of
+    every allocation and free, summed in order; a block allocated before ``start`` and freed after it is not
+    recorded, so the CPU figure can only be overstated. (The profiler is driven by its own enable/disable calls:
+    ``torch.profiler.profile`` parses every operator event on exit, which takes ten times the run.)"""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        from torch.autograd import profiler
+
+        settings = profiler.profile(use_kineto=True, profile_memory=True)  # for this torch's config only
+        config, activities = settings.config(), settings.kineto_activities
+        profiler._prepare_profiler(config, activities)
+        profiler._enable_profiler(config, activities)
+
+    def stop(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        from torch.autograd import profiler
+
+        events = [e for e in profiler._disable_profiler().events() if e.name() == "[memory]"]
+        level = peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            level += event.nbytes()
+            peak = max(peak, level)
+        return peak
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory needs CUDA "
+                                                  "(benchmarks/gpu_check.sh runs it on the GPU)")),
+])
+def test_peak_memory_is_one_block_of_float_weights_plus_the_quantized_model(device, tmp_path, monkeypatch):
+    """From the moment the float weights are on disk, quantizing holds at most the largest block's float weights,
+    the quantized model and what calibrating the float model in memory holds (activations; on the CPU also the
+    statistics): measured, on the device the pipeline is on. A model whose float weights stayed would exceed it."""
+    _flux_with_blocks(tmp_path)
+    pipe = diffq.load(tmp_path).to(device)
+    denoiser = denoiser_of(pipe)
+    kwargs = tiny_call_kwargs(pipe)
+    float_bytes, block = _bytes(denoiser), _largest_block(denoiser)
+    meter = _PeakMemory(device)
+
+    # The allowance for activations: the float model calibrated in memory, after one call (cuBLAS allocates its
+    # workspace at the first matrix product and keeps it).
+    pipe(PROMPTS[0], num_inference_steps=1, output_type="latent", **kwargs)
+    meter.start()
+    diffq.calibrate(pipe, PROMPTS, num_inference_steps=2, progress=False, **kwargs)
+    activations = meter.stop()
+    assert block + activations < float_bytes, "the model is too small for the bound to tell offloading apart"
+
+    offload_denoiser, seen = diffq.api._offload_denoiser, {}
+    before = torch.cuda.memory_allocated() if device == "cuda" else 0
+
+    def offload_then_measure(*args, **options):
+        offloaded = offload_denoiser(*args, **options)
+        seen["on disk"] = offloaded is not None and all(t.is_meta for t in chain(denoiser.parameters(),
+                                                                                  denoiser.buffers()))
+        if device == "cuda":
+            seen["freed"] = before - torch.cuda.memory_allocated()
+        meter.start()
+        return offloaded
+
+    monkeypatch.setattr(diffq.api, "_offload_denoiser", offload_then_measure)
+    diffq.quantize(pipe, "w8a8", calibration=PROMPTS, num_calibration_steps=2, low_memory=True, progress=False,
+                   **kwargs)
+    peak = meter.stop()
+    quantized = _bytes(denoiser_of(pipe))
+    assert seen["on disk"]
+    if device == "cuda":  # the float weights left the GPU (they were all there: pipe.to("cuda"))
+        assert seen["freed"] >= 0.99 * float_bytes, (seen["freed"], float_bytes)
+    mib = {k: f"{v / 2**20:.1f} MiB" for k, v in dict(peak=peak, block=block, quantized=quantized,
+                                                        activations=activations, float=float_bytes).items()}
+    assert peak <= block + quantized + activations, mib
+    assert peak < float_bytes + quantized, mib
