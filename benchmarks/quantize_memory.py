@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "quantize_memory")
     args = parser.parse_args(argv)
+    from diffq.metrics.report import atomic_write_text
+
     info = machine()
     with tempfile.TemporaryDirectory(prefix="diffq-quantize-memory-") as tmp:
         folder = Path(tmp) / "pipeline"
@@ -171,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps:
             cli_args += ["--calibration-steps", str(args.steps)]
         results = {}
+        partial = args.out / f"partial-{args.model}.json"  # each finished run, so a stopped benchmark resumes
+        saved = json.loads(partial.read_text()) if partial.exists() else {}
         for setting in args.low_memory:
+            key = json.dumps([*cli_args, "--low-memory", setting, args.threads, float_bytes])
+            if key in saved:
+                print(f"--low-memory {setting}: measured earlier ({partial})", file=sys.stderr)
+                results[setting] = saved[key]
+                continue
             out = Path(tmp) / f"out-{setting}"
-            results[setting] = measure(folder, out, [*cli_args, "--low-memory", setting], args.threads)
+            results[setting] = saved[key] = measure(folder, out, [*cli_args, "--low-memory", setting], args.threads)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(partial, json.dumps(saved, indent=1))
     hashes = {r["state_sha256"] for r in results.values()}
     rows = []
     for setting, result in results.items():
