@@ -55,7 +55,7 @@ __all__ = [
 
 # Largest shared memory one block may use (the opt-in maximum, bytes): CUDA C Programming Guide,
 # "Technical Specifications per Compute Capability" (163 KB on 8.0, 99 KB on 8.6/8.9, 227 KB on 9.0).
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
 MAX_REGS = 255  # per thread, every target here
 
 _KERNELS = ("_act_kernel", "_int_gemm_kernel", "_weight_only_kernel", "_conv_kernel", "_conv_lowrank_kernel")

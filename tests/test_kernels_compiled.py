@@ -1,4 +1,4 @@
-"""Static GPU checks of the Triton kernels: compiled for sm_80/sm_89/sm_90 on a machine with no GPU.
+"""Static GPU checks of the Triton kernels: compiled for sm_80/sm_89/sm_90 (and sm_120) on a machine with no GPU.
 
 ``tests/test_kernels.py`` checks what the kernels compute (in Triton's interpreter); this module
 checks what the compiler makes of them at real layer shapes (SDXL and FLUX.1 attention and
@@ -101,6 +101,21 @@ CONVS = [
     LayerCase("sdxl-conv3x3-w8a16", 2, 640, 640, "w8a16", {}, True, "float16", HOPPER, conv=CONV_640),
 ]
 CASES += CONVS
+# Consumer Blackwell (sm_120, e.g. RTX 50xx; 99 KiB of shared memory per block): the integer paths, linear and 3x3.
+BLACKWELL = (120,)
+SM120 = [
+    LayerCase("sm120-sdxl-w8a8-attn", *SDXL_ATTN, "w8a8", {}, True, "float16", BLACKWELL),
+    LayerCase("sm120-sdxl-w4a8-attn", *SDXL_ATTN, "w4a8", {}, True, "float16", BLACKWELL),
+    LayerCase("sm120-flux-w4a4-r32-attn", *FLUX_ATTN, "w4a4", {}, True, "bfloat16", BLACKWELL),
+    LayerCase("sm120-sdxl-conv3x3-w4a8", 2, 640, 640, "w4a8", {}, True, "float16", BLACKWELL, conv=CONV_640),
+    LayerCase("sm120-sdxl-conv3x3-w4a16", 2, 640, 640, "w4a16", {}, True, "float16", BLACKWELL, conv=CONV_640),
+]
+CASES += SM120
+# Known gap: the weight-only GEMM's fixed 128 x 128 x 64 tile spills on sm_120 (255 registers, 16 B of stack,
+# 3 STL / 3 LDL; sm_80/89/90 do not). On CUDA the autotuner also tries 64-column tiles; the fixed tile is what
+# DIFFQ_AUTOTUNE=0 runs. Strict: the test fails once the spill is gone, so this note goes with it.
+SM120_WEIGHT_ONLY = LayerCase("sm120-sdxl-w4a16-attn", *SDXL_ATTN, "w4a16", {}, True, "float16", BLACKWELL)
+CASES.append(SM120_WEIGHT_ONLY)
 
 # What each case launches: the activation pass (quantized activations or a low-rank branch), then a GEMM;
 # a convolution its low-rank down-projection (if any), then the implicit GEMM.
@@ -168,7 +183,12 @@ def test_layer_shapes_share_specializations(reports):
                     assert reports[(case.name, kernel, t)] is reports[(attn, kernel, t)]
 
 
-@pytest.mark.parametrize("item", ITEMS, ids=_id)
+def _spill_gap(item):
+    return pytest.param(item, marks=pytest.mark.xfail(strict=True, reason="known sm_120 spill, see SM120_WEIGHT_ONLY")
+                        ) if item[0] is SM120_WEIGHT_ONLY and item[1] == WEIGHT_ONLY else item
+
+
+@pytest.mark.parametrize("item", [_spill_gap(i) for i in ITEMS], ids=_id)
 def test_no_register_spills(reports, item):
     r = _report(reports, item)
     assert (r.stack, r.local, r.spill_stores, r.spill_loads) == (0, 0, 0, 0), (
@@ -185,7 +205,7 @@ def test_tensor_core_instructions(reports, item):
     sass, ptx = " ".join(r.sass_mma), " ".join(r.ptx_mma)
     half = "BF16" if case.dtype == "bfloat16" else "F16"
     # sm_80/sm_89: mma.sync (IMMA/HMMA); sm_90: warpgroup MMA (IGMMA/HGMMA) for the 128-row GEMM tiles.
-    wide = target >= 90 and r.constexprs.get("BLOCK_M", 0) >= 64
+    wide = target == 90 and r.constexprs.get("BLOCK_M", 0) >= 64  # wgmma is Hopper-only (sm_120 has mma.sync)
     if kernel == INT_GEMM or (kernel == CONV and _int_path(case)):
         assert ("IGMMA" if wide else "IMMA") in sass and ".S8.S8" in sass, f"no int8 tensor-core MMA: {sass}"
         assert ".s32.s8.s8" in ptx, ptx
