@@ -34,20 +34,25 @@ def input_hessian(rows: torch.Tensor, smooth: torch.Tensor | None = None) -> tor
     x = rows.detach().double()
     if smooth is not None:
         x = x / smooth.detach().double()
-    return x.t() @ x / max(x.shape[0], 1)
+    hessian = x.t() @ x
+    return hessian.div_(max(x.shape[0], 1))  # in place: one [channels, channels] matrix, not two
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``H⁻¹`` after damping (inputs never seen get a unit diagonal)."""
-    h = hessian.clone()
+def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``H⁻¹`` after damping (inputs never seen get a unit diagonal),
+    computed in ``h`` (float64, overwritten): with the factor of ``H`` this holds two
+    ``[channels, channels]`` matrices at most, not five (at Flux's 15,360 inputs, 3.8 GB, not 9.4)."""
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     diagonal = torch.diagonal(h)
     diagonal += damping * float(diagonal.mean())
     for _ in range(4):  # a near-singular Hessian: damp harder rather than fail
-        factor, info = torch.linalg.cholesky_ex(h)
+        factor, info = torch.linalg.cholesky_ex(h)  # not in place: a failed try leaves h to damp again
         if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+            h.copy_(factor)
+            del factor
+            torch.cholesky_inverse(h, out=h)
+            return torch.linalg.cholesky(h, upper=True, out=h)
         diagonal += damping * float(diagonal.mean()) * 10
     raise ValueError("the calibration Hessian is not positive definite even after damping")
 
@@ -69,10 +74,13 @@ def gptq_round(
     taps: int = 1,
     damping: float = DAMPING,
     block: int = BLOCK,
+    overwrite_hessian: bool = False,
 ) -> torch.Tensor:
     """``weight2d`` ``[rows, cols]`` rounded onto the grid of ``(scale, zero)`` by GPTQ against
     ``hessian`` (``[cols // taps, cols // taps]``; columns are ``channel × taps + tap``, as a
-    convolution's ``[out, in × kh × kw]`` weight). Returns float32 values that lie on the grid."""
+    convolution's ``[out, in × kh × kw]`` weight). Returns float32 values that lie on the grid.
+    With ``overwrite_hessian`` a float64 ``hessian`` is factored in place (it holds ``H⁻¹``'s factor
+    afterwards), so no copy of it is made."""
     rows, cols = weight2d.shape
     channels = cols // taps
     if hessian.shape != (channels, channels) or channels * taps != cols:
@@ -85,13 +93,14 @@ def gptq_round(
     w = tap_major(weight2d.float()).clone()
     s = tap_major(_expand(scale.float(), rows, cols, fmt)).contiguous()
     z = tap_major(_expand(zero.float(), rows, cols, fmt)).contiguous() if zero is not None else None
-    u = _inverse_cholesky(hessian.double(), damping).float()
+    # H⁻¹'s factor stays float64; each block's rows of it are read in float32 (no float32 copy of all of it)
+    u = _inverse_cholesky(hessian.to(torch.float64, copy=not overwrite_hessian), damping)
     out = torch.empty_like(w)
     for start in range(0, channels, block):
         stop = min(start + block, channels)
         todo, scales = w[:, start:stop].clone(), s[:, start:stop]
         zeros = z[:, start:stop] if z is not None else None
-        factor = u[start:stop, start:stop]
+        factor = u[start:stop, start:stop].float()
         errors = torch.empty_like(todo)
         for j in range(stop - start):
             column = todo[:, j]
@@ -106,7 +115,7 @@ def gptq_round(
             if j + 1 < stop - start:
                 todo[:, j + 1:].addr_(errors[:, j], factor[j, j + 1:], alpha=-1)
         if stop < channels:
-            w[:, stop:].addmm_(errors, u[start:stop, stop:], alpha=-1)
+            w[:, stop:].addmm_(errors, u[start:stop, stop:].float(), alpha=-1)
     return out.reshape(taps, rows, channels).permute(1, 2, 0).reshape(rows, cols)
 
 

@@ -141,7 +141,8 @@ class _QuantizedWeightMixin(nn.Module):
         weight2d = weight2d.detach()
         scale, zero = compute_scales(weight2d, fmt, clip_ratio)
         if hessian is not None:  # other codes on the same grid (diffq.gptq)
-            weight2d = gptq_round(weight2d, hessian, fmt, scale, zero, taps=self.cols // hessian.shape[0])
+            weight2d = gptq_round(weight2d, hessian, fmt, scale, zero, taps=self.cols // hessian.shape[0],
+                                  overwrite_hessian=True)  # a [cols, cols] matrix: factored in place
         q = quantize(weight2d, fmt, scale, zero)
         self.qweight.copy_(pack(q.codes, self.config.w_bits))
         self.weight_scale.copy_(scale.to(self.weight_scale.dtype))
@@ -272,7 +273,8 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         ``smooth`` divides activations per input channel and multiplies the weight columns
         (required when ``config.smooth_alpha`` is set); ``clip_ratio`` shrinks each weight
         block's range; ``bos_input`` is the constant first-token input of a ``bos`` layer;
-        ``hessian`` (``E[x xᵀ]`` of the smoothed inputs) has the weight rounded by GPTQ;
+        ``hessian`` (``E[x xᵀ]`` of the smoothed inputs) has the weight rounded by GPTQ (a float64
+        ``hessian`` is factored in place, to hold no copy: pass a copy to keep it);
         ``lowrank`` is ``(down [in, r], up [r, out])`` of the smoothed weight (computed here
         from an SVD when ``config.rank`` is set and it is not given).
         """
@@ -390,7 +392,7 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         (required when ``config.smooth_alpha`` is set); ``lowrank`` is ``(down [cols, r], up [r,
         out])`` of the smoothed ``[out, cols]`` weight (from an SVD when ``config.rank`` is set and
         it is not given); ``hessian`` is ``E[x xᵀ]`` over input channels (GPTQ, taps taken as
-        uncorrelated). As for :class:`QuantizedLinear`, only the residual is quantized; a
+        uncorrelated; a float64 one is factored in place). As for :class:`QuantizedLinear`, only the residual is quantized; a
         convolution has no BOS handling (``bos_input`` must be ``None``).
         """
         if bos_input is not None or config.bos:

@@ -69,6 +69,27 @@ def test_gptq_values_lie_on_the_grid_and_a_bad_hessian_is_refused():
         gptq_round(weight, input_hessian(x[:, :32]), fmt, scale, zero)
 
 
+def test_gptq_factors_the_hessian_in_place_only_when_asked():
+    """The Hessian is [in, in] (15,360² float64 = 1.9 GB in a Flux single block): overwriting it gives
+    the same codes with no copy, and without ``overwrite_hessian`` the caller's matrix is left alone."""
+    from diffq.formats import compute_scales
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 128), correlated(96, 128)  # fewer rows than inputs: damping matters
+    x[:, :2] = 0  # inputs never seen
+    fmt = weight_format(LayerConfig(4, 32, True, None))
+    scale, zero = compute_scales(weight, fmt)
+    hessian = input_hessian(x)
+    kept = hessian.clone()
+    copied = gptq_round(weight, hessian, fmt, scale, zero)
+    assert torch.equal(hessian, kept)
+    address = hessian.data_ptr()
+    overwritten = gptq_round(weight, hessian, fmt, scale, zero, overwrite_hessian=True)
+    assert torch.equal(overwritten, copied)
+    assert hessian.data_ptr() == address and not torch.equal(hessian, kept)  # it now holds H⁻¹'s factor
+    assert torch.allclose(torch.triu(hessian), hessian)
+
+
 def test_the_plan_carries_gptq_and_stays_readable_without_it():
     nearest, gptq = LayerConfig(4, 64, True, 8), LayerConfig(4, 64, True, 8, w_round="gptq")
     assert "w_round" not in nearest.to_dict() and gptq.to_dict()["w_round"] == "gptq"
