@@ -67,7 +67,7 @@ def staged(name, fn):
 
 diffq.api.calibrate_pipeline = staged("calibrate", diffq.api.calibrate_pipeline)
 diffq.api.allocate = staged("plan", diffq.api.allocate)
-diffq.api.convert = staged("convert", diffq.api.convert)
+diffq.api.convert_model = staged("convert", diffq.api.convert_model)  # what diffq.quantize calls
 serialization.save_quantized = staged("save", serialization.save_quantized)
 threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
@@ -111,8 +111,9 @@ def build_sd15_folder(folder: Path) -> int:
 def build_flux_folder(folder: Path, double_blocks: int, single_blocks: int) -> int:
     """A FluxPipeline with a FLUX.1-dev-wide transformer at reduced depth (bfloat16); returns its weight bytes."""
     import torch
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    from diffq.pipelines.testing import tiny_flux_pipeline
+    from diffq.pipelines.testing import _tiny_clip_config, tiny_flux_pipeline
 
     from memory import FLUX_DEV, ModelSpec, build
 
@@ -124,8 +125,14 @@ def build_flux_folder(folder: Path, double_blocks: int, single_blocks: int) -> i
     with torch.no_grad():
         for p in transformer.parameters():
             p.normal_(0, 0.02)
-    pipe.transformer = transformer
-    pipe.register_modules(transformer=transformer)
+    # Text encoders as small as they can be at the widths the transformer reads (CLIP's pooled 768, T5's 4096).
+    text_encoder = CLIPTextModel(_tiny_clip_config(hidden_size=768))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(pipe.tokenizer_2), d_model=FLUX_DEV["joint_attention_dim"], d_kv=16, num_heads=4, d_ff=64,
+        num_layers=1, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    pipe.register_modules(transformer=transformer, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    pipe.to(torch.bfloat16)
     pipe.save_pretrained(folder, max_shard_size="500MB")
     return sum(t.numel() * t.element_size() for t in transformer.state_dict().values())
 
@@ -162,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             float_bytes = build_flux_folder(folder, args.double_blocks, args.single_blocks)
         cli_args = ["--preset", args.preset]
+        if args.model == "flux":
+            cli_args += ["--dtype", "bfloat16"]  # as FLUX.1 is published (diffusers would load float32)
         prompt_note = "the CLI's default prompts"
         if args.prompts:
             from diffq.pipelines.calibrate import DEFAULT_PROMPTS
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         partial = args.out / f"partial-{args.model}.json"  # each finished run, so a stopped benchmark resumes
         saved = json.loads(partial.read_text()) if partial.exists() else {}
         for setting in args.low_memory:
-            key = json.dumps([*cli_args, "--low-memory", setting, args.threads, float_bytes])
+            key = json.dumps([args.model, args.preset, args.prompts, args.steps, setting, args.threads, float_bytes])
             if key in saved:
                 print(f"--low-memory {setting}: measured earlier ({partial})", file=sys.stderr)
                 results[setting] = saved[key]

@@ -90,6 +90,16 @@ def _single_file_flags(args: argparse.Namespace) -> dict:
 
 
 LOW_MEMORY = {"auto": "auto", "on": True, "off": False}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_flags(args: argparse.Namespace) -> dict:
+    """``--dtype`` as loading kwargs (nothing when not given: diffusers' default, float32)."""
+    import torch
+
+    from diffq.pipelines.loading import dtype_kwargs
+
+    return dtype_kwargs(getattr(torch, args.dtype)) if args.dtype else {}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -99,7 +109,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from diffq.pipelines.serialization import check_save_target, save_quantized
 
     start = time.perf_counter()
-    pipe = diffq.load(args.model, **_single_file_flags(args))
+    pipe = diffq.load(args.model, **_single_file_flags(args), **_dtype_flags(args))
     out = Path(args.out)
     check_save_target(pipe, out, overwrite=args.overwrite)  # before minutes of calibration, not after
     fp_bytes = diffq.weight_bytes(pipe)
@@ -343,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-pickle", action="store_true",
                    help="for a single file: also read pickle checkpoints (.ckpt, .pt), which can run code; trust the file")
     q.add_argument("--preset", default="w4a8", help=f"one of {', '.join(diffq.available_presets())}")
+    q.add_argument("--dtype", choices=DTYPES,
+                   help="load the float pipeline in this dtype (default float32, as diffusers loads); bfloat16 for "
+                        "models published in it, such as FLUX.1, halves the memory calibration needs")
     q.add_argument("--out", required=True,
                    help="folder to write the quantized pipeline to: new, empty, or an earlier diffq checkpoint "
                         "(replaced atomically, other files kept); never the model's own folder")

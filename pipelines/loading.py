@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffq.errors import ModelLoadError
 from diffq.pipelines.single_file import is_single_file, load_single_file
+
+if TYPE_CHECKING:
+    import torch
 
 # The checkpoint `diffq.quantize(<PipelineClass>, preset)` loads when no `model=` is given.
 DEFAULT_CHECKPOINTS: dict[str, str] = {
@@ -57,6 +60,16 @@ def default_checkpoint(pipeline_class: type) -> str:
             f"diffq has no default checkpoint for {pipeline_class.__name__}; pass model='<hub id or folder>' "
             f"(classes with defaults: {', '.join(sorted(DEFAULT_CHECKPOINTS))})."
         ) from None
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained``'s dtype keyword for the installed diffusers: ``dtype`` where it exists
+    (``torch_dtype`` is deprecated there), else ``torch_dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (diffusers with ``dtype=``)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 def load_pipeline(

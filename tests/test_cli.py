@@ -85,3 +85,20 @@ def test_quantize_writes_a_model_card_and_keeps_a_users_readme(float_folder, tmp
     assert main(args) == 0  # a card the user edited is theirs now: kept, ours goes beside it
     assert (out / "README.md").read_text() == "my notes on this checkpoint\n"
     assert "## Load it" in (out / "DIFFQ_MODEL_CARD.md").read_text()
+
+
+def test_quantize_loads_the_float_pipeline_in_the_dtype_asked(float_folder, tmp_path):
+    """``--dtype bfloat16``: the pipeline is loaded (and quantized, and saved) in bfloat16, as FLUX.1 is
+    published; without it diffusers loads float32, twice the memory."""
+    from safetensors import safe_open
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(float_folder), "--preset", "w8a16-rtn", "--dtype", "bfloat16", "--out", str(out),
+                 "--no-progress"]) == 0
+    for component in ("unet", "text_encoder"):
+        (path,) = (out / component).glob("*.safetensors")
+        with safe_open(str(path), "pt") as f:
+            dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        assert "BF16" in dtypes and "F32" not in dtypes, (component, dtypes)
+    with pytest.raises(SystemExit):
+        main(["quantize", str(float_folder), "--dtype", "float8", "--out", str(tmp_path / "x")])
