@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from diffq.calibration import CalibrationStats, timestep_groups
 from diffq.errors import CheckpointError, QuantizationInputError
-from diffq.gptq import input_hessian
+from diffq.gptq import SampledHessian, layer_hessian
 from diffq.layers import conv_channel_weight, supports_branch
 from diffq.lowrank import split_low_rank
 from diffq.memory import return_freed_memory
@@ -105,7 +105,7 @@ def _quantized_class(layer: nn.Module, name: str, why: str = "keep it in 16-bit"
 
 
 def _gptq_hessian(name: str, config: LayerConfig, rows: torch.Tensor | None,
-                  smooth: torch.Tensor | None) -> torch.Tensor | None:
+                  smooth: torch.Tensor | None) -> torch.Tensor | SampledHessian | None:
     """The input Hessian GPTQ rounds against, for a layer planned with ``w_round="gptq"``."""
     if config.w_round != "gptq":
         return None
@@ -114,7 +114,7 @@ def _gptq_hessian(name: str, config: LayerConfig, rows: torch.Tensor | None,
             f"layer {name!r} is planned with GPTQ rounding, which needs sampled calibration inputs; calibrate "
             "first (diffq.calibrate) or use weight_rounding='nearest'."
         )
-    return input_hessian(rows, smooth)
+    return layer_hessian(rows, smooth)
 
 
 def _planned_layers(model: nn.Module, plan: QuantPlan, error: type[Exception], advice: str) -> dict[str, nn.Module]:

@@ -11,9 +11,18 @@ Convolutions: calibration samples per-pixel input vectors, not patches, so the H
 convolution's ``in × taps`` columns is taken as ``H_c ⊗ I`` (kernel taps uncorrelated). In
 tap-major order that matrix is block diagonal with one ``H_c`` per tap, so a convolution is
 rounded as one ``[out × taps, in]`` matrix against ``H_c``: no ``(in · taps)²`` matrix is formed.
+
+Calibration keeps a few hundred input rows per layer, fewer than the inputs of most layers, so ``H``
+is then low rank plus the damping's diagonal. Such a Hessian is kept as its rows
+(:class:`SampledHessian`) and ``H⁻¹``'s factor is read block by block through the Woodbury identity:
+no ``[in, in]`` matrix at all (at Flux's 15,360 inputs, 31 MB instead of 3.8 GB) and about ``in / n``
+times fewer operations, the same factor to float64 rounding.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -28,14 +37,40 @@ rather than GPTQ's 128 moves most of that work into the one matrix product per b
 on the CPU, the same output error)."""
 
 
+@dataclass(frozen=True)
+class SampledHessian:
+    """``H = E[x xᵀ] = yᵀy`` kept as ``y``, the ``n`` sampled input rows over ``√n`` (float64,
+    ``[n, channels]``): for layers with more input channels than samples."""
+
+    scaled_rows: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the ``H`` it stands for."""
+        channels = self.scaled_rows.shape[1]
+        return (channels, channels)
+
+
+def _smoothed_rows(rows: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    x = rows.detach().double()
+    return x / smooth.detach().double() if smooth is not None else x
+
+
 def input_hessian(rows: torch.Tensor, smooth: torch.Tensor | None = None) -> torch.Tensor:
     """``E[x xᵀ]`` (float64, ``[channels, channels]``) of sampled input rows, divided by the smoothing
     vector when the layer smooths (its weight is then multiplied by it)."""
-    x = rows.detach().double()
-    if smooth is not None:
-        x = x / smooth.detach().double()
+    x = _smoothed_rows(rows, smooth)
     hessian = x.t() @ x
     return hessian.div_(max(x.shape[0], 1))  # in place: one [channels, channels] matrix, not two
+
+
+def layer_hessian(rows: torch.Tensor, smooth: torch.Tensor | None = None) -> torch.Tensor | SampledHessian:
+    """The input Hessian of sampled rows in its cheaper form: :func:`input_hessian` when there are at
+    least as many rows as channels, else a :class:`SampledHessian` (``H`` then has rank ≤ rows)."""
+    if rows.shape[0] >= rows.shape[1]:
+        return input_hessian(rows, smooth)
+    x = _smoothed_rows(rows, smooth)
+    return SampledHessian(x.div_(max(x.shape[0], 1) ** 0.5))
 
 
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
@@ -57,6 +92,42 @@ def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     raise ValueError("the calibration Hessian is not positive definite even after damping")
 
 
+def _dense_factor_blocks(hessian: torch.Tensor, damping: float, block: int,
+                         overwrite: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
+    u = _inverse_cholesky(hessian.to(torch.float64, copy=not overwrite), damping)
+    for start in range(0, u.shape[0], block):
+        stop = min(start + block, u.shape[0])
+        yield start, stop, u[start:stop, start:]
+
+
+def _sampled_factor_blocks(hessian: SampledHessian, damping: float,
+                           block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Rows ``start:stop`` of ``U`` (``H⁻¹ = UᵀU``) from the samples. They are ``V⁻ᵀ G``, where ``G``
+    are the first rows of ``(H[start:, start:])⁻¹`` and ``V`` the upper factor of its leading block;
+    with ``H = yᵀy + A`` (``A`` the damped diagonal) Woodbury gives
+    ``G = A⁻¹ - A⁻¹ y_bᵀ M⁻¹ y A⁻¹`` with ``M = I + y A⁻¹ yᵀ`` (``[n, n]``) over the columns left,
+    which loses each block's columns as it goes. Damping as :func:`_inverse_cholesky`'s first try."""
+    y = hessian.scaled_rows
+    n, channels = y.shape
+    diagonal = y.square().sum(0)
+    dead = diagonal <= 0
+    diagonal = torch.where(dead, torch.ones_like(diagonal), diagonal)
+    inverse_a = 1.0 / (dead.double() + damping * float(diagonal.mean()))
+    m = torch.addmm(torch.eye(n, dtype=y.dtype), y * inverse_a, y.t())
+    for start in range(0, channels, block):
+        stop = min(start + block, channels)
+        y_block, inverse_block = y[:, start:stop], inverse_a[start:stop]
+        m_factor, info = torch.linalg.cholesky_ex(m)
+        if int(info) != 0:
+            raise ValueError("the calibration Hessian's samples gave a Woodbury matrix that is not positive definite")
+        g = torch.cholesky_solve(y_block, m_factor).t() @ y[:, start:]
+        g.mul_(inverse_a[start:]).mul_(inverse_block[:, None]).neg_()
+        g[:, :stop - start].diagonal().add_(inverse_block)
+        leading = torch.linalg.cholesky(g[:, :stop - start], upper=True)
+        yield start, stop, torch.linalg.solve_triangular(leading.t(), g, upper=False)
+        m.addmm_(y_block * inverse_block, y_block.t(), alpha=-1)
+
+
 def _expand(per_block: torch.Tensor, rows: int, cols: int, fmt: IntFormat) -> torch.Tensor:
     """Per-block scales or zero points ``[rows, blocks]`` as one value per weight ``[rows, cols]``."""
     if fmt.granularity == "group":
@@ -66,7 +137,7 @@ def _expand(per_block: torch.Tensor, rows: int, cols: int, fmt: IntFormat) -> to
 
 def gptq_round(
     weight2d: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | SampledHessian,
     fmt: IntFormat,
     scale: torch.Tensor,
     zero: torch.Tensor | None,
@@ -80,7 +151,7 @@ def gptq_round(
     ``hessian`` (``[cols // taps, cols // taps]``; columns are ``channel × taps + tap``, as a
     convolution's ``[out, in × kh × kw]`` weight). Returns float32 values that lie on the grid.
     With ``overwrite_hessian`` a float64 ``hessian`` is factored in place (it holds ``H⁻¹``'s factor
-    afterwards), so no copy of it is made."""
+    afterwards), so no copy of it is made; a :class:`SampledHessian` is never changed."""
     rows, cols = weight2d.shape
     channels = cols // taps
     if hessian.shape != (channels, channels) or channels * taps != cols:
@@ -94,13 +165,15 @@ def gptq_round(
     s = tap_major(_expand(scale.float(), rows, cols, fmt)).contiguous()
     z = tap_major(_expand(zero.float(), rows, cols, fmt)).contiguous() if zero is not None else None
     # H⁻¹'s factor stays float64; each block's rows of it are read in float32 (no float32 copy of all of it)
-    u = _inverse_cholesky(hessian.to(torch.float64, copy=not overwrite_hessian), damping)
+    if isinstance(hessian, SampledHessian):
+        blocks = _sampled_factor_blocks(hessian, damping, block)
+    else:
+        blocks = _dense_factor_blocks(hessian, damping, block, overwrite_hessian)
     out = torch.empty_like(w)
-    for start in range(0, channels, block):
-        stop = min(start + block, channels)
+    for start, stop, factor_rows in blocks:
         todo, scales = w[:, start:stop].clone(), s[:, start:stop]
         zeros = z[:, start:stop] if z is not None else None
-        factor = u[start:stop, start:stop].float()
+        factor = factor_rows[:, :stop - start].float()
         errors = torch.empty_like(todo)
         for j in range(stop - start):
             column = todo[:, j]
@@ -115,8 +188,8 @@ def gptq_round(
             if j + 1 < stop - start:
                 todo[:, j + 1:].addr_(errors[:, j], factor[j, j + 1:], alpha=-1)
         if stop < channels:
-            w[:, stop:].addmm_(errors, u[start:stop, stop:].float(), alpha=-1)
+            w[:, stop:].addmm_(errors, factor_rows[:, stop - start:].float(), alpha=-1)
     return out.reshape(taps, rows, channels).permute(1, 2, 0).reshape(rows, cols)
 
 
-__all__ = ["BLOCK", "DAMPING", "gptq_round", "input_hessian"]
+__all__ = ["BLOCK", "DAMPING", "SampledHessian", "gptq_round", "input_hessian", "layer_hessian"]

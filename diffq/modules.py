@@ -18,7 +18,7 @@ from diffq import kernels
 from diffq.context import timestep_tensor
 from diffq.errors import QuantizationInputError
 from diffq.formats import IntFormat, compute_scales, pack, packed_cols, quantize
-from diffq.gptq import gptq_round
+from diffq.gptq import SampledHessian, gptq_round
 from diffq.lowrank import split_low_rank
 from diffq.plan import LayerConfig
 
@@ -117,7 +117,7 @@ class _QuantizedWeightMixin(nn.Module):
         smooth: torch.Tensor | None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None,
         clip_ratio: torch.Tensor | float,
-        hessian: torch.Tensor | None = None,
+        hessian: torch.Tensor | SampledHessian | None = None,
     ) -> None:
         """Store a float ``[rows, cols]`` weight: smoothed, its low-rank branch kept (``lowrank``, or
         from an SVD), and only the residual quantized (by GPTQ against ``hessian`` when given)."""
@@ -136,7 +136,7 @@ class _QuantizedWeightMixin(nn.Module):
         self._store_weight(weight2d, clip_ratio, hessian)
 
     def _store_weight(self, weight2d: torch.Tensor, clip_ratio: torch.Tensor | float = 1.0,
-                      hessian: torch.Tensor | None = None) -> None:
+                      hessian: torch.Tensor | SampledHessian | None = None) -> None:
         fmt = weight_format(self.config)
         weight2d = weight2d.detach()
         scale, zero = compute_scales(weight2d, fmt, clip_ratio)
@@ -266,15 +266,16 @@ class QuantizedLinear(_QuantizedWeightMixin, nn.Linear):
         clip_ratio: torch.Tensor | float = 1.0,
         bos_input: torch.Tensor | None = None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
-        hessian: torch.Tensor | None = None,
+        hessian: torch.Tensor | SampledHessian | None = None,
     ) -> QuantizedLinear:
         """Quantize a float ``nn.Linear`` (its weights are read, not modified).
 
         ``smooth`` divides activations per input channel and multiplies the weight columns
         (required when ``config.smooth_alpha`` is set); ``clip_ratio`` shrinks each weight
         block's range; ``bos_input`` is the constant first-token input of a ``bos`` layer;
-        ``hessian`` (``E[x xᵀ]`` of the smoothed inputs) has the weight rounded by GPTQ (a float64
-        ``hessian`` is factored in place, to hold no copy: pass a copy to keep it);
+        ``hessian`` (``E[x xᵀ]`` of the smoothed inputs, or its :class:`~diffq.gptq.SampledHessian`) has
+        the weight rounded by GPTQ (a float64 tensor is factored in place, to hold no copy: pass a copy
+        to keep it);
         ``lowrank`` is ``(down [in, r], up [r, out])`` of the smoothed weight (computed here
         from an SVD when ``config.rank`` is set and it is not given).
         """
@@ -384,7 +385,7 @@ class QuantizedConv2d(_QuantizedWeightMixin, nn.Conv2d):
         clip_ratio: torch.Tensor | float = 1.0,
         bos_input: torch.Tensor | None = None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
-        hessian: torch.Tensor | None = None,
+        hessian: torch.Tensor | SampledHessian | None = None,
     ) -> QuantizedConv2d:
         """Quantize a float ``nn.Conv2d`` (zero padding only; its weights are read, not modified).
 

@@ -243,12 +243,14 @@ def _meta_counts_as_cuda(ops: ModuleType):
         ops._input_reason = original
 
 
-def record_launches(case: LayerCase, ops: ModuleType) -> list[Launch]:
-    """The kernel launches one forward of ``case``'s layer makes, recorded on ``meta`` tensors.
+def record_launches(case: LayerCase, ops: ModuleType, capability: int) -> list[Launch]:
+    """The kernel launches one forward of ``case``'s layer makes on ``sm_<capability>``, recorded
+    on ``meta`` tensors.
 
     The layer is a real :class:`diffq.modules.QuantizedLinear` of the preset's config (its
     buffers' shapes and dtypes) and its ``forward`` builds the kernel call, so the launchers pick
-    block sizes and flags from the code (``_gemm_blocks``, ``_act_blocks``) as on a GPU.
+    block sizes and flags from the code (``_gemm_blocks``, ``_act_blocks``) as on a GPU of that
+    target (``triton_ops.device_capability`` answers ``capability`` meanwhile).
     """
     import torch
 
@@ -266,9 +268,10 @@ def record_launches(case: LayerCase, ops: ModuleType) -> list[Launch]:
                                         (1, 1), 1, case.bias, dtype, "meta")
         x = torch.empty(case.m, case.k, size, size, dtype=dtype, device="meta")
     log: list[Launch] = []
-    saved = {name: getattr(ops, name) for name in _KERNELS}
+    saved = {name: getattr(ops, name) for name in (*_KERNELS, "device_capability")}
     for name in _KERNELS:
         setattr(ops, name, _Recorder(name, saved[name], log))
+    ops.device_capability = lambda device: capability
 
     def on_triton(op: str):
         check = ops.unsupported_reason if op == "quantized_linear" else ops.conv2d_unsupported_reason
@@ -516,8 +519,8 @@ def compile_cases(cases: list[LayerCase]) -> list[KernelReport]:
     ops = load_compiled_kernels()
     reports: dict[str, KernelReport] = {}
     for case in cases:
-        for launch in record_launches(case, ops):
-            for capability in case.targets:
+        for capability in case.targets:
+            for launch in record_launches(case, ops, capability):
                 variants = [(case.name, launch)]
                 if case.tile_configs and launch.kernel != "_act_kernel":
                     variants += _tile_variants(case.name, launch, ops, capability)
@@ -536,7 +539,7 @@ def _tile_variants(name: str, launch: Launch, ops: ModuleType, capability: int) 
     named = dict(zip(launch.fn.arg_names, launch.args, strict=False))
     configs = ops.INT_CONFIGS if int_path else ops.WEIGHT_ONLY_CONFIGS
     out = []
-    for b in ops.prune_for_call(configs, int_path, named, launch.kwargs, SHARED_LIMIT[capability]):
+    for b in ops.prune_for_call(configs, int_path, named, launch.kwargs, SHARED_LIMIT[capability], capability):
         kwargs = {**launch.kwargs, "BLOCK_M": b.m, "BLOCK_N": b.n, "BLOCK_K": b.k, "GROUP_M": b.group_m,
                   "num_warps": b.warps, "num_stages": b.stages}
         out.append((f"{name}@{b.m}x{b.n}x{b.k}w{b.warps}s{b.stages}",

@@ -541,13 +541,24 @@ def _conv_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool) -> Blocks
     return b if INTERPRET or fp32 else Blocks(b.m, b.n, min(b.k, 32), b.warps, 3)
 
 
-def _narrow_n(zero_tiles: bool, rank: int) -> bool:
-    """Whether a GEMM takes 64-column tiles: measured with ``tests/test_kernels_compiled.py``, at
-    128 x 128 the integer GEMM spilled where it corrects each K tile for zero points (group-wise
-    scales with zero points: 255 registers, 208 B stack, 52 STL / 51 LDL on sm_90), and GEMMs
-    with a low-rank branch of rank > 64 spilled on sm_80 (rank 256: 72 B stack, 14 STL / 25 LDL
-    W4A4, 56 B W4A16; rank 128 W8A8: 32 B)."""
-    return zero_tiles or rank > 64
+def _narrow_n(zero_tiles: bool, rank: int, weight_only: bool = False, capability: int = 90) -> bool:
+    """Whether a GEMM takes 64-column tiles on ``sm_<capability>``: measured with
+    ``tests/test_kernels_compiled.py``, at 128 x 128 the integer GEMM spilled where it corrects
+    each K tile for zero points (group-wise scales with zero points: 255 registers, 208 B stack,
+    52 STL / 51 LDL on sm_90), GEMMs with a low-rank branch of rank > 64 spilled on sm_80 (rank
+    256: 72 B stack, 14 STL / 25 LDL W4A4, 56 B W4A16; rank 128 W8A8: 32 B), and the weight-only
+    GEMM spilled on consumer Blackwell (sm_120: 255 registers, 16 B stack, 3 STL / 3 LDL)."""
+    return zero_tiles or rank > 64 or (weight_only and capability // 10 == 12)
+
+
+def device_capability(device: torch.device) -> int:
+    """``sm_<major><minor>`` of a CUDA device as one number (``90`` for an H100), ``0`` for any other
+    device (the interpreter's tiles do not depend on it); the tile choices that depend on the
+    target read it here, and the static check (:mod:`diffq.kernels.compiled`) sets it per target."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _act_blocks(K: int, a_group: int | None, rank: int = 0) -> tuple[int, int]:
@@ -993,8 +1004,8 @@ def int_gemm(
     seg = _segment(K, w_group, a_group)
     rank = 0 if t is None else t.shape[1]
     tuned = blocks is None and _autotuning(q)
-    blocks = blocks or _gemm_blocks(M, K, seg, int_path=True,
-                                    narrow_n=_narrow_n(seg != K and w_zero is not None, rank))
+    blocks = blocks or _gemm_blocks(M, K, seg, int_path=True, narrow_n=_narrow_n(
+        seg != K and w_zero is not None, rank, capability=device_capability(q.device)))
     y = torch.empty((M, N), dtype=out_dtype, device=q.device)
     s_strides = (0, 0) if s.dim() == 1 else (s.stride(0), s.stride(1))  # 1-D: a static scale
     (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
@@ -1032,7 +1043,8 @@ def weight_only_gemm(
     rank = 0 if t is None else t.shape[1]
     fp32 = x2.dtype == torch.float32
     tuned = blocks is None and not fp32 and _autotuning(x2)  # fp32 (FMA units) keeps its small tiles
-    blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=fp32, narrow_n=_narrow_n(False, rank))
+    blocks = blocks or _gemm_blocks(M, K, w_group or K, int_path=False, fp32=fp32, narrow_n=_narrow_n(
+        False, rank, weight_only=True, capability=device_capability(x2.device)))
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, bias, y)
     args = (
@@ -1163,7 +1175,7 @@ INT_CONFIGS = [
     Blocks(16, 128, 128, 4, 4), Blocks(16, 64, 128, 4, 5),
 ]
 WEIGHT_ONLY_CONFIGS = [
-    Blocks(128, 128, 64, 8, 4), Blocks(128, 64, 64, 4, 4), Blocks(64, 128, 64, 4, 4),
+    Blocks(128, 128, 64, 8, 4), Blocks(128, 64, 64, 8, 4), Blocks(128, 64, 64, 4, 4), Blocks(64, 128, 64, 4, 4),
     Blocks(64, 64, 64, 4, 4), Blocks(32, 128, 64, 4, 4), Blocks(16, 128, 64, 4, 4), Blocks(16, 64, 64, 4, 5),
 ]
 _SMEM_MARGIN = 16 * 1024  # epilogue tiles (low-rank factors, bias) beside the pipelined K tiles
@@ -1179,8 +1191,15 @@ def _stage_bytes(b: Blocks, int_path: bool, w_bits: int) -> int:
     return b.m * b.k * (1 if int_path else 2) + b.n * b.k * w_bits // 8
 
 
+def _spills_registers(b: Blocks, int_path: bool, capability: int) -> bool:
+    """Candidate tiles measured to spill where the 64-column rule of :func:`_narrow_n` does not
+    cover them: on consumer Blackwell, a weight-only tile with more than 32 float32 accumulators
+    per thread (128 x 64 with 4 warps: 255 registers, 8 B of stack, 2 STL / 2 LDL)."""
+    return not int_path and capability // 10 == 12 and b.m * b.n > 32 * 32 * b.warps
+
+
 def prune_gemm_configs(configs: list[Blocks], *, M: int, K: int, seg: int, int_path: bool, w_bits: int,
-                       narrow_n: bool, smem_limit: int) -> list[Blocks]:
+                       narrow_n: bool, smem_limit: int, capability: int) -> list[Blocks]:
     """The candidate tiles that suit one GEMM call (pure Python; never empty).
 
     * ``BLOCK_K`` never straddles a scale group: where scales change every ``seg`` columns
@@ -1188,6 +1207,7 @@ def prune_gemm_configs(configs: list[Blocks], *, M: int, K: int, seg: int, int_p
     * ``BLOCK_M`` follows ``M``: no taller than ``M`` padded to a power of two (at least 16), and at
       least 64 from 256 tokens on;
     * ``BLOCK_N=64`` only where 128-column tiles spill registers (:func:`_narrow_n`), else both;
+      no tile that spills on ``sm_<capability>`` (:func:`_spills_registers`);
     * the pipeline stages fit shared memory: ``stages x`` (activation + weight tile) plus a margin.
 
     When nothing is left, the fixed choice of :func:`_gemm_blocks` is returned alone.
@@ -1199,7 +1219,7 @@ def prune_gemm_configs(configs: list[Blocks], *, M: int, K: int, seg: int, int_p
         b for b in configs
         if min_k <= b.k <= max(k_max, min_k) and (seg == K or seg % b.k == 0)
         and b.m <= m_max and (M < 256 or b.m >= 64)
-        and (b.n == 64 or not narrow_n)
+        and (b.n == 64 or not narrow_n) and not _spills_registers(b, int_path, capability)
         and b.stages * _stage_bytes(b, int_path, w_bits) + _SMEM_MARGIN <= smem_limit
     ]
     return keep or [_gemm_blocks(M, K, seg, int_path, narrow_n=narrow_n)]
@@ -1227,14 +1247,16 @@ _SMEM: dict[int, int] = {}
 
 
 def prune_for_call(configs: list[Blocks], int_path: bool, named_args: dict, kwargs: dict,
-                   smem_limit: int) -> list[Blocks]:
-    """:func:`prune_gemm_configs` for one launch of a GEMM kernel: its arguments by name and constexprs."""
+                   smem_limit: int, capability: int) -> list[Blocks]:
+    """:func:`prune_gemm_configs` for one launch of a GEMM kernel on ``sm_<capability>``: its
+    arguments by name and constexprs."""
     M, K = named_args["M"], named_args["K"]
     seg = math.gcd(named_args["W_GROUP"], named_args["A_GROUP"]) if int_path else named_args["W_GROUP"]
     zero_tiles = int_path and kwargs.get("HAS_ZERO", False) and seg != K
     return prune_gemm_configs(
         configs, M=M, K=K, seg=seg, int_path=int_path, w_bits=kwargs["W_BITS"],
-        narrow_n=_narrow_n(zero_tiles, named_args["R"] if kwargs.get("HAS_LORA") else 0), smem_limit=smem_limit,
+        narrow_n=_narrow_n(zero_tiles, named_args["R"] if kwargs.get("HAS_LORA") else 0, weight_only=not int_path,
+                           capability=capability), smem_limit=smem_limit, capability=capability,
     )
 
 
@@ -1242,9 +1264,9 @@ def _early_prune(int_path: bool):
     """``early_config_prune`` for ``triton.autotune``: :func:`prune_for_call` with the device's shared memory."""
 
     def prune(configs, named_args, **kwargs):
-        limit = _smem_limit(named_args["qw_ptr"].device)
+        device = named_args["qw_ptr"].device
         return [_to_config(b) for b in prune_for_call([_to_blocks(c) for c in configs], int_path, named_args,
-                                                       kwargs, limit)]
+                                                       kwargs, _smem_limit(device), device_capability(device))]
 
     return prune
 

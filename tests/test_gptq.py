@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import diffq
-from diffq.gptq import gptq_round, input_hessian
+from diffq.gptq import SampledHessian, gptq_round, input_hessian, layer_hessian
 from diffq.modules import QuantizedConv2d, QuantizedLinear, weight_format
 from diffq.pipelines import denoiser_of
 from diffq.pipelines.serialization import plan_of
@@ -88,6 +88,63 @@ def test_gptq_factors_the_hessian_in_place_only_when_asked():
     assert torch.equal(overwritten, copied)
     assert hessian.data_ptr() == address and not torch.equal(hessian, kept)  # it now holds H⁻¹'s factor
     assert torch.allclose(torch.triu(hessian), hessian)
+
+
+def _factor(blocks) -> torch.Tensor:
+    return torch.cat([torch.nn.functional.pad(rows, (start, 0)) for start, _, rows in blocks])
+
+
+@pytest.mark.parametrize("taps", [1, 9], ids=["linear", "conv3x3"])
+def test_a_sampled_hessian_gives_the_dense_factor_and_the_same_codes(taps):
+    """Fewer sampled rows than inputs (calibration keeps 256): the Woodbury form's factor of H⁻¹ is
+    the dense one to float64 rounding, and the rounded weight is the same, smoothing and unseen
+    inputs included."""
+    from diffq.formats import compute_scales
+    from diffq.gptq import _dense_factor_blocks, _sampled_factor_blocks
+
+    torch.manual_seed(0)
+    x, smooth = correlated(48, 256), torch.rand(256) + 0.5
+    x[:, 3] = 0  # an input never seen
+    sampled, dense = layer_hessian(x, smooth), input_hessian(x, smooth)
+    assert isinstance(sampled, SampledHessian) and sampled.shape == (256, 256)
+    assert isinstance(layer_hessian(x[:, :32], smooth[:32]), torch.Tensor)  # enough rows: the dense matrix
+    reference = _factor(_dense_factor_blocks(dense.clone(), 0.01, 32, True))
+    assert float((_factor(_sampled_factor_blocks(sampled, 0.01, 32)) - reference).abs().max()) < 1e-10 * float(
+        reference.abs().max())
+    weight = torch.randn(24, 256 * taps)
+    fmt = weight_format(LayerConfig(4, 32, True, None))
+    scale, zero = compute_scales(weight, fmt)
+    assert torch.equal(gptq_round(weight, sampled, fmt, scale, zero, taps=taps),
+                       gptq_round(weight, dense, fmt, scale, zero, taps=taps))
+
+
+def test_a_sampled_hessian_forms_no_inputs_squared_matrix():
+    """The point of the sampled form: no tensor of in² elements (3.8 GB at Flux's 15,360 inputs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from diffq.formats import compute_scales
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    inputs = 1024
+    weight, x = torch.randn(16, inputs), torch.randn(64, inputs)
+    fmt = weight_format(LayerConfig(4, 64, True, None))
+    scale, zero = compute_scales(weight, fmt)
+    with LargestOutput() as seen:
+        gptq_round(weight, layer_hessian(x), fmt, scale, zero)
+    assert 0 < seen.largest < inputs * inputs // 8
+    with LargestOutput() as dense:
+        gptq_round(weight, input_hessian(x), fmt, scale, zero)
+    assert dense.largest >= inputs * inputs  # the check can see one
 
 
 def test_the_plan_carries_gptq_and_stays_readable_without_it():

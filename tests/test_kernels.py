@@ -399,7 +399,7 @@ def test_autotuning_pruner_keeps_tiles_that_suit_the_call():
     follow the token count, 64-column tiles where 128 spill, stages within shared memory."""
     prune, blocks = triton_ops.prune_gemm_configs, triton_ops.Blocks
     configs = triton_ops.INT_CONFIGS
-    common = dict(K=3072, int_path=True, w_bits=4, narrow_n=False, smem_limit=232448)
+    common = dict(K=3072, int_path=True, w_bits=4, narrow_n=False, smem_limit=232448, capability=90)
     grouped = prune(configs, M=4096, seg=64, **common)
     assert grouped and all(b.k == 64 and b.m >= 64 for b in grouped)
     assert {b.k for b in prune(configs, M=4096, seg=3072, **common)} == {64, 128}  # one scale per row
@@ -420,8 +420,14 @@ def test_autotuning_pruner_keeps_tiles_that_suit_the_call():
 
 def test_autotuning_key_and_call_pruning():
     named = dict(M=4096, K=1280, W_GROUP=64, A_GROUP=1280, R=32)
-    kept = triton_ops.prune_for_call(triton_ops.INT_CONFIGS, True, named, dict(W_BITS=4, HAS_ZERO=True), 232448)
+    kept = triton_ops.prune_for_call(triton_ops.INT_CONFIGS, True, named, dict(W_BITS=4, HAS_ZERO=True), 232448, 90)
     assert kept and all(b.n == 64 and b.k == 64 for b in kept)  # zero points corrected per K tile
+    weight_only = dict(W_BITS=4, HAS_ZERO=False)
+    wide = triton_ops.prune_for_call(triton_ops.WEIGHT_ONLY_CONFIGS, False, named, weight_only, 232448, 90)
+    assert {b.n for b in wide} == {64, 128}
+    consumer = triton_ops.prune_for_call(triton_ops.WEIGHT_ONLY_CONFIGS, False, named, weight_only, 101376, 120)
+    assert consumer and all(b.n == 64 for b in consumer)  # 128-column weight-only tiles spill on sm_120
+    assert triton_ops.Blocks(128, 64, 64, 4, 4) in wide and triton_ops.Blocks(128, 64, 64, 4, 4) not in consumer
     assert [triton_ops._m_bucket(m) for m in (1, 16, 17, 77, 4096, 20000)] == [16, 16, 32, 128, 4096, 4096]
 
 
