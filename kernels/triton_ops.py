@@ -541,7 +541,7 @@ def _conv_blocks(M: int, K: int, seg: int, int_path: bool, fp32: bool) -> Blocks
     return b if INTERPRET or fp32 else Blocks(b.m, b.n, min(b.k, 32), b.warps, 3)
 
 
-def _narrow_n(zero_tiles: bool, rank: int, weight_only: bool = False, capability: int = 90) -> bool:
+def _narrow_n(zero_tiles: bool, rank: int, *, capability: int, weight_only: bool = False) -> bool:
     """Whether a GEMM takes 64-column tiles on ``sm_<capability>``: measured with
     ``tests/test_kernels_compiled.py``, at 128 x 128 the integer GEMM spilled where it corrects
     each K tile for zero points (group-wise scales with zero points: 255 registers, 208 B stack,
