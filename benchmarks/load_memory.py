@@ -36,6 +36,7 @@ _CHILD = r"""
 import hashlib, json, sys
 import torch
 import diffq
+from diffq.pipelines.loading import dtype_kwargs
 from diffusers import FluxTransformer2DModel
 folder, mode, preset = sys.argv[1:4]
 torch.set_num_threads(2)
@@ -51,12 +52,11 @@ def sample():  # anonymous memory has no high-water mark in /proc: sample it
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to what is resident now
 before, before_anon = status("VmRSS"), status("RssAnon")
 sampler = threading.Thread(target=sample, daemon=True); sampler.start()
-dtype = getattr(torch, sys.argv[4])
+dtype = dtype_kwargs(getattr(torch, sys.argv[4]))  # dtype= where diffusers has it, torch_dtype= before
 if mode == "quantization_config=DiffQConfig":
-    model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype,
-                                                   quantization_config=diffq.DiffQConfig(preset))
+    model = FluxTransformer2DModel.from_pretrained(folder, **dtype, quantization_config=diffq.DiffQConfig(preset))
 else:
-    model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
+    model = FluxTransformer2DModel.from_pretrained(folder, **dtype)
     if mode != "float":
         diffq.quantize(model, preset, progress=False)
 peak = status("VmHWM"); done.set(); sampler.join()
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-blocks", type=int, default=4)
     parser.add_argument("--preset", default="w4a16-rtn")
     parser.add_argument("--shard-size", default="500MB")
-    parser.add_argument("--dtype", default="bfloat16", help="torch_dtype= of every from_pretrained")
+    parser.add_argument("--dtype", default="bfloat16", help="the dtype every from_pretrained loads in")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "load_memory")
     args = parser.parse_args(argv)
     info = machine()
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n\n".join([
         f"**Quantize while loading: peak memory** (`python benchmarks/load_memory.py --preset {args.preset}`)",
         f"Flux-layout transformer, FLUX.1-dev widths, {args.double_blocks} double + {args.single_blocks} single "
-        f"blocks, bfloat16, {mib(float_bytes, 0)} MiB of weights in {args.shard_size} shards, loaded with "
-        f"`torch_dtype=torch.{args.dtype}`; peaks above the process's own memory before `from_pretrained`, one "
+        f"blocks, bfloat16, {mib(float_bytes, 0)} MiB of weights in {args.shard_size} shards, loaded in "
+        f"`torch.{args.dtype}`; peaks above the process's own memory before `from_pretrained`, one "
         "fresh process each. Anonymous memory is what the process allocates; the resident peak also counts "
         "the pages of the memory-mapped safetensors shards it has read, which the kernel can drop.",
         markdown(["load", "peak anonymous memory (MiB)", "x float weights", "peak resident, with mapped file pages (MiB)",

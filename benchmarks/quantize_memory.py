@@ -1,6 +1,6 @@
 """Peak memory of ``diffq quantize FOLDER`` on a pipeline whose denoiser has a real model's size.
 
-    python benchmarks/quantize_memory.py [--model sd15|flux] [--preset w4a8] [--prompts 4] [--steps 8]
+    python benchmarks/quantize_memory.py [--model sd15|flux|tiny] [--preset w4a8] [--prompts 4] [--steps 8]
         [--low-memory off on] [--out benchmarks/results/quantize_memory]
 
 The folder is a diffusers pipeline saved with ``save_pretrained``: for ``sd15`` a
@@ -8,7 +8,8 @@ The folder is a diffusers pipeline saved with ``save_pretrained``: for ``sd15`` 
 float32, random weights: 3.20 GiB) with a two-layer CLIP text encoder (768 wide, the real CLIP
 vocabulary) and a small four-level VAE (so latents are 1/8 of the image, as SD's are); for ``flux``
 a ``FluxPipeline`` whose transformer has FLUX.1-dev's widths at reduced depth (``--double-blocks``,
-``--single-blocks``; bfloat16), with tiny CLIP and T5 encoders. Calibration is the CLI's default:
+``--single-blocks``; bfloat16), with tiny CLIP and T5 encoders; ``tiny`` is the test suite's tiny
+pipeline, which runs the script in seconds (tests/test_benchmarks.py; its figures mean nothing). Calibration is the CLI's default:
 the generic prompts at the model's default resolution (512x512 for SD 1.5), 8 steps each, unless
 ``--prompts``/``--steps`` make the run shorter.
 
@@ -108,6 +109,15 @@ def build_sd15_folder(folder: Path) -> int:
     return sum(t.numel() * t.element_size() for t in unet.state_dict().values())
 
 
+def build_tiny_folder(folder: Path) -> int:
+    """The test suite's tiny StableDiffusionPipeline (float32); returns its UNet's weight bytes."""
+    from diffq.pipelines.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(folder)
+    return sum(t.numel() * t.element_size() for t in pipe.unet.state_dict().values())
+
+
 def build_flux_folder(folder: Path, double_blocks: int, single_blocks: int) -> int:
     """A FluxPipeline with a FLUX.1-dev-wide transformer at reduced depth (bfloat16); returns its weight bytes."""
     import torch
@@ -148,7 +158,7 @@ def measure(folder: Path, out: Path, cli_args: list[str], threads: int) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("sd15", "flux"), default="sd15")
+    parser.add_argument("--model", choices=("sd15", "flux", "tiny"), default="sd15")
     parser.add_argument("--preset", default="w4a8")
     parser.add_argument("--prompts", type=int, help="calibrate on the first N default prompts (default: all)")
     parser.add_argument("--steps", type=int, help="calibration steps per prompt (default: the CLI's)")
@@ -166,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp) / "pipeline"
         if args.model == "sd15":
             float_bytes = build_sd15_folder(folder)
+        elif args.model == "tiny":
+            float_bytes = build_tiny_folder(folder)
         else:
             float_bytes = build_flux_folder(folder, args.double_blocks, args.single_blocks)
         cli_args = ["--preset", args.preset]

@@ -116,9 +116,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     layer_params = layer_parameter_counts(diffq.pipelines.denoiser_of(pipe))
     prompts = _read_prompts(args.prompts)
     recipe = diffq.get_preset(args.preset)
-    calibration_prompts = len(prompts or default_prompts(pipe)) if recipe.needs_calibration() else None
+    rounding = {"w_round": args.weight_rounding} if args.weight_rounding else {}
+    calibration_prompts = len(prompts or default_prompts(pipe)) if recipe.needs_calibration(**rounding) else None
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
-                   temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
+                   weight_rounding=args.weight_rounding, temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
                    include=args.include, exclude=args.exclude, check=not args.no_check, progress=not args.no_progress,
                    low_memory=LOW_MEMORY[args.low_memory])
     seconds = time.perf_counter() - start
@@ -130,6 +131,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "quantized_layers": len(plan.layers),
         "kept_layers": plan.skipped,
         "selection": plan.selection or None,
+        "weight_rounding": args.weight_rounding,
         "temporal_bits": args.temporal_bits,
         "sensitivity_metric": args.sensitivity_metric if recipe.is_mixed else None,
         "calibration_prompts": calibration_prompts,
@@ -364,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompts", help="calibration prompts, one per line")
     q.add_argument("--calibration-steps", type=POSITIVE, default=8)
     q.add_argument("--temporal-bits", type=int, choices=(4, 8), help=TEMPORAL_BITS_HELP)
+    q.add_argument("--weight-rounding", choices=("nearest", "gptq"),
+                   help="override how the preset rounds weights onto their grid: w4a8, w4a16 and w4a4 use gptq (the "
+                        "calibration inputs' Hessian; minutes on large layers), the others nearest")
     layer_selection_flags(q)
     q.add_argument("--sensitivity-metric", choices=("decoupled", "image"), default="decoupled", help=METRIC_HELP)
     q.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)

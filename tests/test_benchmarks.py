@@ -32,6 +32,7 @@ import fid_robustness  # noqa: E402
 import memory  # noqa: E402
 import peers  # noqa: E402
 import quality  # noqa: E402
+import quantize_memory  # noqa: E402
 import speed  # noqa: E402
 
 UNIFORM = ["w8a8", "w4a8", "w4a16", "w4a4", "w8a8-rtn", "w4a8-rtn", "w4a4-rtn", "w8a16", "w4a8:temporal_bits=4"]
@@ -281,6 +282,26 @@ def test_speed_phases_match_diffq_quantize():
         assert plan_of(a).layers == plan_of(b).layers
         with torch.no_grad():
             assert torch.equal(a(**inputs[0]).sample, b(**inputs[0]).sample)
+
+
+def test_quantize_memory_measures_each_stage_and_compares_the_checkpoints(tmp_path, capsys):
+    """quantize_memory.py on the tiny pipeline: both --low-memory settings run ``diffq quantize`` in a
+    fresh process, every stage reports its peaks, the two checkpoints hash the same (exit 0), and a
+    second run resumes from the finished runs instead of measuring again."""
+    out = tmp_path / "qm"
+    argv = ["--model", "tiny", "--preset", "w8a8", "--prompts", "1", "--steps", "1", "--low-memory", "off", "on",
+            "--out", str(out)]
+    assert quantize_memory.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["identical"] and set(data["results"]) == {"off", "on"}
+    for result in data["results"].values():
+        assert result["code"] == 0 and {"load", "calibrate", "plan", "convert", "save"} <= set(result["stages"])
+        assert all(peak["rss"] >= 0 and peak["anon"] >= 0 for peak in result["stages"].values())
+        assert len(result["state_sha256"]) == 64
+    assert "Quantized checkpoints identical across settings: yes" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert quantize_memory.main(argv) == 0
+    assert capsys.readouterr().err.count("measured earlier") == 2
 
 
 def test_speed_script_smoke(tmp_path, capsys):

@@ -76,6 +76,64 @@ def test_conv_channels_and_cfg_halves_are_kept_apart():
     assert stats.absmax("conv", branch="cond") < stats.absmax("conv", branch="uncond")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stats_reduce_a_wide_input_in_chunks_to_the_same_figures(monkeypatch, dtype):
+    """Statistics and the reservoir of an input reduced a few rows at a time (``REDUCE_ELEMENTS``)
+    equal those of reducing it whole in float32, for linear and 3x3-conv inputs and both halves of a
+    guided batch; and no float32 copy of the whole input is made (the histogram's temporaries at the
+    input's size were 1.7 GB at a Flux single block's ``proj_out``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import diffq.calibration as calibration
+
+    class LargestAllocation(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        self.largest = max(self.largest, t.numel() * t.element_size())
+            return out
+
+    torch.manual_seed(0)
+    cases = {"lin": (nn.Linear(96, 4), torch.randn(4, 50, 96).to(dtype) * 3),
+             "conv": (nn.Conv2d(24, 4, 3, padding=1), torch.randn(4, 24, 9, 9).to(dtype))}
+    monkeypatch.setattr(calibration, "REDUCE_ELEMENTS", 1000)  # 10 rows of 96 channels, 41 of 24
+    for name, (layer, x) in cases.items():
+        layer.to(dtype)
+        observer = ActivationObserver({name: layer}, sample_rows=64, seed=2)
+        set_cfg_split(True)
+        try:
+            with observer.observe() as stats, timestep(3.0), LargestAllocation() as seen, torch.no_grad():
+                layer(x)
+        finally:
+            set_cfg_split(False)
+        rows = x.movedim(1 if name == "conv" else -1, -1).reshape(-1, x.shape[1 if name == "conv" else -1]).float()
+        whole = ActivationObserver({name: layer}, sample_rows=64, seed=2)
+        whole._add_sample(name, rows, 3.0)
+        assert torch.equal(stats.samples[name].rows, whole.stats.samples[name].rows)
+        for branch, part in (("uncond", rows[: len(rows) // 2]), ("cond", rows[len(rows) // 2 :])):
+            step = stats.layers[name][(3.0, branch)]
+            assert torch.equal(step.channel_min, part.amin(0)) and torch.equal(step.channel_max, part.amax(0))
+            assert torch.equal(step.histogram, calibration.abs_histogram(part))
+        # A linear layer's rows are a view of its input; a conv's are one channels-last copy in its own dtype.
+        limit = x.numel() * x.element_size() if name == "conv" else rows.numel() * 4 // 2
+        assert seen.largest <= limit, (name, seen.largest)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["a token", "the first token of a BOS layer"])
+def test_a_non_finite_input_is_a_clear_error(bad, where):
+    layer = nn.Linear(8, 2)
+    x = torch.randn(2, 5, 8)
+    x[1, 0 if where.startswith("the first") else 3, 4] = bad
+    observer = ActivationObserver({"k": layer}, bos_layers={"k"} if where.startswith("the first") else set())
+    with observer.observe(), timestep(1.0), pytest.raises(QuantizationInputError, match="'k' received NaN or inf"):
+        layer(x)
+
+
 def test_reservoir_sample_is_bounded_and_deterministic():
     layer = nn.Linear(8, 2)
     inputs = {float(t): [torch.randn(50, 8)] for t in range(10)}

@@ -87,6 +87,21 @@ def test_quantize_writes_a_model_card_and_keeps_a_users_readme(float_folder, tmp
     assert "## Load it" in (out / "DIFFQ_MODEL_CARD.md").read_text()
 
 
+def test_quantize_weight_rounding_overrides_the_preset(float_folder, tmp_path):
+    """``--weight-rounding nearest`` on ``w4a16`` (GPTQ by default): every layer of the saved plan rounds
+    to nearest, and the report says so."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(float_folder), "--preset", "w4a16", "--weight-rounding", "nearest",
+                 "--calibration-steps", "1", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "diffq_report.json").read_text())
+    assert report["weight_rounding"] == "nearest"
+    layers = json.loads((out / "unet" / "config.json").read_text())["quantization_config"]["plan"]["layers"]
+    assert layers and all(c.get("w_round", "nearest") == "nearest" for c in layers.values())
+    assert "GPTQ" not in (out / "README.md").read_text()  # the card's bits table lists GPTQ layers
+    with pytest.raises(SystemExit):
+        main(["quantize", str(float_folder), "--weight-rounding", "stochastic", "--out", str(tmp_path / "x")])
+
+
 def test_quantize_loads_the_float_pipeline_in_the_dtype_asked(float_folder, tmp_path):
     """``--dtype bfloat16``: the pipeline is loaded (and quantized, and saved) in bfloat16, as FLUX.1 is
     published; without it diffusers loads float32, twice the memory."""
