@@ -128,11 +128,16 @@ def _sampled_factor_blocks(hessian: SampledHessian, damping: float,
         m.addmm_(y_block * inverse_block, y_block.t(), alpha=-1)
 
 
-def _expand(per_block: torch.Tensor, rows: int, cols: int, fmt: IntFormat) -> torch.Tensor:
-    """Per-block scales or zero points ``[rows, blocks]`` as one value per weight ``[rows, cols]``."""
+def _block_values(per_block: torch.Tensor, rows: int, taps: int, start: int, stop: int, fmt: IntFormat) -> torch.Tensor:
+    """Per-block scales or zero points ``[rows, blocks]`` as one value per weight, for the input
+    channels ``start:stop`` of the tap-major weight (``[taps × rows, stop - start]``); only those
+    columns are expanded, not the whole weight."""
     if fmt.granularity == "group":
-        return per_block.repeat_interleave(fmt.group_size, dim=1)[:, :cols]
-    return per_block.reshape(rows, -1)[:, :1].expand(rows, cols)
+        channel = torch.arange(start, stop, device=per_block.device)
+        tap = torch.arange(taps, device=per_block.device)
+        groups = (channel[None, :] * taps + tap[:, None]) // fmt.group_size  # [taps, n]: column channel × taps + tap
+        return per_block[:, groups].permute(1, 0, 2).reshape(taps * rows, stop - start)
+    return per_block.reshape(rows, -1)[:, :1].repeat(taps, 1).expand(taps * rows, stop - start)
 
 
 def gptq_round(
@@ -160,19 +165,19 @@ def gptq_round(
     def tap_major(t: torch.Tensor) -> torch.Tensor:  # [rows, channels × taps] -> [taps × rows, channels]
         return t.reshape(rows, channels, taps).permute(2, 0, 1).reshape(taps * rows, channels)
 
-    # the rounding loop runs in float32 (as GPTQ's reference does); H⁻¹'s Cholesky factor in float64
+    # the rounding loop runs in float32 (as GPTQ's reference does); H⁻¹'s Cholesky factor in float64.
+    # ``w`` holds the weights still to round, and each block's rounded values once it is done (no
+    # second weight-sized buffer; scales and zero points are expanded one block at a time).
     w = tap_major(weight2d.float()).clone()
-    s = tap_major(_expand(scale.float(), rows, cols, fmt)).contiguous()
-    z = tap_major(_expand(zero.float(), rows, cols, fmt)).contiguous() if zero is not None else None
+    scale, zero = scale.float(), zero.float() if zero is not None else None
     # H⁻¹'s factor stays float64; each block's rows of it are read in float32 (no float32 copy of all of it)
     if isinstance(hessian, SampledHessian):
         blocks = _sampled_factor_blocks(hessian, damping, block)
     else:
         blocks = _dense_factor_blocks(hessian, damping, block, overwrite_hessian)
-    out = torch.empty_like(w)
     for start, stop, factor_rows in blocks:
-        todo, scales = w[:, start:stop].clone(), s[:, start:stop]
-        zeros = z[:, start:stop] if z is not None else None
+        todo, scales = w[:, start:stop].clone(), _block_values(scale, rows, taps, start, stop, fmt)
+        zeros = _block_values(zero, rows, taps, start, stop, fmt) if zero is not None else None
         factor = factor_rows[:, :stop - start].float()
         errors = torch.empty_like(todo)
         for j in range(stop - start):
@@ -183,13 +188,13 @@ def gptq_round(
             else:
                 q = q.clamp_(fmt.qmin, fmt.qmax)
             rounded = q * scales[:, j]
-            out[:, start + j] = rounded
+            w[:, start + j] = rounded  # this block's columns of ``w`` are not read again
             errors[:, j] = (column - rounded) / factor[j, j]
             if j + 1 < stop - start:
                 todo[:, j + 1:].addr_(errors[:, j], factor[j, j + 1:], alpha=-1)
         if stop < channels:
             w[:, stop:].addmm_(errors, factor_rows[:, stop - start:].float(), alpha=-1)
-    return out.reshape(taps, rows, channels).permute(1, 2, 0).reshape(rows, cols)
+    return w.reshape(taps, rows, channels).permute(1, 2, 0).reshape(rows, cols)
 
 
 __all__ = ["BLOCK", "DAMPING", "SampledHessian", "gptq_round", "input_hessian", "layer_hessian"]

@@ -147,6 +147,36 @@ def test_a_sampled_hessian_forms_no_inputs_squared_matrix():
     assert dense.largest >= inputs * inputs  # the check can see one
 
 
+def test_gptq_holds_one_weight_sized_buffer():
+    """The rounding loop writes each block's codes back into its working copy of the weight and
+    expands scales one block at a time: one float32 buffer of the weight's size (a Flux proj_out's
+    is 189 MB), not three."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from diffq.formats import compute_scales
+
+    class WeightSized(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    if isinstance(t, torch.Tensor) and t.numel() >= weight.numel():
+                        self.count += 1
+            return out
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(1024, 256), torch.randn(64, 256)  # more outputs than inputs: H's factor is smaller
+    fmt = weight_format(LayerConfig(4, 64, True, None))
+    scale, zero = compute_scales(weight, fmt)
+    hessian = layer_hessian(x)
+    with WeightSized() as seen:
+        rounded = gptq_round(weight, hessian, fmt, scale, zero)
+    assert seen.count == 1
+    assert torch.equal(rounded, gptq_round(weight, input_hessian(x), fmt, scale, zero))  # same codes, dense
+
+
 def test_the_plan_carries_gptq_and_stays_readable_without_it():
     nearest, gptq = LayerConfig(4, 64, True, 8), LayerConfig(4, 64, True, 8, w_round="gptq")
     assert "w_round" not in nearest.to_dict() and gptq.to_dict()["w_round"] == "gptq"
