@@ -9,9 +9,9 @@ float32, random weights: 3.20 GiB) with a two-layer CLIP text encoder (768 wide,
 vocabulary) and a small four-level VAE (so latents are 1/8 of the image, as SD's are); for ``flux``
 a ``FluxPipeline`` whose transformer has FLUX.1-dev's widths at reduced depth (``--double-blocks``,
 ``--single-blocks``; bfloat16), with tiny CLIP and T5 encoders; ``tiny`` is the test suite's tiny
-pipeline, which runs the script in seconds (tests/test_benchmarks.py; its figures mean nothing). Calibration is the CLI's default:
-the generic prompts at the model's default resolution (512x512 for SD 1.5), 8 steps each, unless
-``--prompts``/``--steps`` make the run shorter.
+pipeline, which runs the script in seconds (tests/test_benchmarks.py; its figures mean nothing).
+Calibration is the CLI's default: the generic prompts at the model's default resolution (512x512
+for SD 1.5), 8 steps each, unless ``--prompts``/``--steps`` make the run shorter.
 
 One fresh process runs ``diffq quantize FOLDER --preset P --out OUT`` (``diffq.cli.main``) while a
 thread samples its anonymous memory (``RssAnon``: what the process allocated) and its resident set

@@ -119,9 +119,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rounding = {"w_round": args.weight_rounding} if args.weight_rounding else {}
     calibration_prompts = len(prompts or default_prompts(pipe)) if recipe.needs_calibration(**rounding) else None
     diffq.quantize(pipe, args.preset, calibration=prompts, num_calibration_steps=args.calibration_steps,
-                   weight_rounding=args.weight_rounding, temporal_bits=args.temporal_bits, sensitivity_metric=args.sensitivity_metric,
-                   include=args.include, exclude=args.exclude, check=not args.no_check, progress=not args.no_progress,
-                   low_memory=LOW_MEMORY[args.low_memory])
+                   weight_rounding=args.weight_rounding, temporal_bits=args.temporal_bits,
+                   sensitivity_metric=args.sensitivity_metric, include=args.include, exclude=args.exclude,
+                   check=not args.no_check, progress=not args.no_progress, low_memory=LOW_MEMORY[args.low_memory])
     seconds = time.perf_counter() - start
     plan = diffq.pipelines.serialization.plan_of(diffq.pipelines.denoiser_of(pipe))
     report = {

@@ -128,14 +128,16 @@ def _sampled_factor_blocks(hessian: SampledHessian, damping: float,
         m.addmm_(y_block * inverse_block, y_block.t(), alpha=-1)
 
 
-def _block_values(per_block: torch.Tensor, rows: int, taps: int, start: int, stop: int, fmt: IntFormat) -> torch.Tensor:
+def _block_values(
+    per_block: torch.Tensor, rows: int, taps: int, start: int, stop: int, fmt: IntFormat
+) -> torch.Tensor:
     """Per-block scales or zero points ``[rows, blocks]`` as one value per weight, for the input
     channels ``start:stop`` of the tap-major weight (``[taps × rows, stop - start]``); only those
     columns are expanded, not the whole weight."""
     if fmt.granularity == "group":
         channel = torch.arange(start, stop, device=per_block.device)
         tap = torch.arange(taps, device=per_block.device)
-        groups = (channel[None, :] * taps + tap[:, None]) // fmt.group_size  # [taps, n]: column channel × taps + tap
+        groups = (channel[None, :] * taps + tap[:, None]) // fmt.group_size  # [taps, n], of column channel×taps+tap
         return per_block[:, groups].permute(1, 0, 2).reshape(taps * rows, stop - start)
     return per_block.reshape(rows, -1)[:, :1].repeat(taps, 1).expand(taps * rows, stop - start)
 
