@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from allocations import ReturnedTensors
 from torch import nn
 
 import diffq
@@ -82,20 +83,7 @@ def test_stats_reduce_a_wide_input_in_chunks_to_the_same_figures(monkeypatch, dt
     equal those of reducing it whole in float32, for linear and 3x3-conv inputs and both halves of a
     guided batch; and no float32 copy of the whole input is made (the histogram's temporaries at the
     input's size were 1.7 GB at a Flux single block's ``proj_out``)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import diffq.calibration as calibration
-
-    class LargestAllocation(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                for t in out if isinstance(out, tuple | list) else (out,):
-                    if isinstance(t, torch.Tensor):
-                        self.largest = max(self.largest, t.numel() * t.element_size())
-            return out
 
     torch.manual_seed(0)
     cases = {"lin": (nn.Linear(96, 4), torch.randn(4, 50, 96).to(dtype) * 3),
@@ -106,7 +94,7 @@ def test_stats_reduce_a_wide_input_in_chunks_to_the_same_figures(monkeypatch, dt
         observer = ActivationObserver({name: layer}, sample_rows=64, seed=2)
         set_cfg_split(True)
         try:
-            with observer.observe() as stats, timestep(3.0), LargestAllocation() as seen, torch.no_grad():
+            with observer.observe() as stats, timestep(3.0), ReturnedTensors() as seen, torch.no_grad():
                 layer(x)
         finally:
             set_cfg_split(False)
@@ -120,7 +108,7 @@ def test_stats_reduce_a_wide_input_in_chunks_to_the_same_figures(monkeypatch, dt
             assert torch.equal(step.histogram, calibration.abs_histogram(part))
         # A linear layer's rows are a view of its input; a conv's are one channels-last copy in its own dtype.
         limit = x.numel() * x.element_size() if name == "conv" else rows.numel() * 4 // 2
-        assert seen.largest <= limit, (name, seen.largest)
+        assert seen.largest_allocation() <= limit, (name, seen.largest_allocation())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -4,6 +4,7 @@ calibration inputs, carried by the plan, saved and reloaded bit for bit."""
 import numpy as np
 import pytest
 import torch
+from allocations import ReturnedTensors
 from torch import nn
 
 import diffq
@@ -120,60 +121,35 @@ def test_a_sampled_hessian_gives_the_dense_factor_and_the_same_codes(taps):
 
 def test_a_sampled_hessian_forms_no_inputs_squared_matrix():
     """The point of the sampled form: no tensor of in² elements (3.8 GB at Flux's 15,360 inputs)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from diffq.formats import compute_scales
-
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, tuple | list) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
 
     torch.manual_seed(0)
     inputs = 1024
     weight, x = torch.randn(16, inputs), torch.randn(64, inputs)
     fmt = weight_format(LayerConfig(4, 64, True, None))
     scale, zero = compute_scales(weight, fmt)
-    with LargestOutput() as seen:
+    with ReturnedTensors() as seen:
         gptq_round(weight, layer_hessian(x), fmt, scale, zero)
-    assert 0 < seen.largest < inputs * inputs // 8
-    with LargestOutput() as dense:
+    assert 0 < seen.largest_numel() < inputs * inputs // 8
+    with ReturnedTensors() as dense:
         gptq_round(weight, input_hessian(x), fmt, scale, zero)
-    assert dense.largest >= inputs * inputs  # the check can see one
+    assert dense.largest_numel() >= inputs * inputs  # the check can see one
 
 
 def test_gptq_holds_one_weight_sized_buffer():
     """The rounding loop writes each block's codes back into its working copy of the weight and
     expands scales one block at a time: one float32 buffer of the weight's size (a Flux proj_out's
     is 189 MB), not three."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from diffq.formats import compute_scales
-
-    class WeightSized(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                for t in out if isinstance(out, tuple | list) else (out,):
-                    if isinstance(t, torch.Tensor) and t.numel() >= weight.numel():
-                        self.count += 1
-            return out
 
     torch.manual_seed(0)
     weight, x = torch.randn(1024, 256), torch.randn(64, 256)  # more outputs than inputs: H's factor is smaller
     fmt = weight_format(LayerConfig(4, 64, True, None))
     scale, zero = compute_scales(weight, fmt)
     hessian = layer_hessian(x)
-    with WeightSized() as seen:
+    with ReturnedTensors() as seen:
         rounded = gptq_round(weight, hessian, fmt, scale, zero)
-    assert seen.count == 1
+    assert seen.allocations_of_at_least(weight.numel()) == 1
     assert torch.equal(rounded, gptq_round(weight, input_hessian(x), fmt, scale, zero))  # same codes, dense
 
 
