@@ -1,0 +1,54 @@
+"""The repository's top-level folders do not hide other distributions' packages of the same name.
+
+From the repository root (``python -c``, ``python app.py``, ``python -m pytest``) the folder
+``kernels/`` is importable as ``kernels``, the name of Hugging Face's package, which
+transformers imports and, since 5.25, installs.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_from_root(code: str, *python_flags: str, pythonpath: Path | None = None) -> str:
+    env = {"PATH": "/usr/bin:/bin"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    done = subprocess.run(
+        [sys.executable, *python_flags, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path):
+    hub = tmp_path / "kernels"
+    hub.mkdir()
+    (hub / "__init__.py").write_text("CUDAProperties = 'hub'\n")
+    (hub / "layer.py").write_text("NAME = 'hub layer'\n")
+    out = _run_from_root(
+        "import kernels, kernels.layer; print(kernels.CUDAProperties, kernels.layer.NAME, kernels.__file__)",
+        "-S",  # no site-packages: the stand-in is the only other kernels
+        pythonpath=tmp_path,
+    )
+    assert out == f"hub hub layer {hub / '__init__.py'}"
+
+
+def test_top_level_kernels_reads_as_absent_when_none_is_installed():
+    out = _run_from_root(
+        "import kernels; print(kernels.__file__, [n for n in vars(kernels) if not n.startswith('_')])", "-S"
+    )
+    assert out == "None []"
+
+
+def test_diffq_kernels_is_ours_beside_the_installed_package(tmp_path):
+    hub = tmp_path / "kernels"
+    hub.mkdir()
+    (hub / "__init__.py").write_text("CUDAProperties = 'hub'\n")
+    out = _run_from_root(
+        "import kernels, diffq.kernels; print(kernels.CUDAProperties, diffq.kernels.quantized_linear.__module__)",
+        pythonpath=tmp_path,  # ahead of site-packages, where transformers may have installed the real one
+    )
+    assert out.splitlines()[-1] == "hub diffq.kernels.dispatch"
