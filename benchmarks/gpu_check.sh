@@ -19,7 +19,7 @@
 #                tests (every kernel case and real SDXL/Flux shapes against the float64 reference) and
 #                the CUDA tests of tests/test_integration.py (torch.compile, model CPU offload) and the
 #                peak GPU memory of low-memory quantization (tests/test_low_memory.py, seconds)
-#   kernels  90  benchmarks/kernels.py: each kernel vs torch.matmul fp16/bf16, torch._int_mm int8,
+#   kernels  90  benchmarks/kernel_speed.py: each kernel vs torch.matmul fp16/bf16, torch._int_mm int8,
 #                torch._scaled_mm fp8 (tensor- and row-wise), the low-rank branch fused vs separate
 #   step    230  benchmarks/gpu_step.py: one SDXL UNet and one Flux.1 transformer step at full size,
 #                16-bit vs w8a8/w4a8/w4a4/w4a16, eager and compiled, with peak GPU memory
@@ -31,7 +31,7 @@
 # --dry-run rehearses it all on the CPU in about a minute, launching nothing heavy: the same phases
 # with the carried wheels' requirements checked against the GPU image, diffq staged into a temporary
 # folder and imported from there, every import of this repository's code checked against what the
-# image has (gpu_env.py simulate), the GPU tests collected, kernels.py and gpu_step.py run in their
+# image has (gpu_env.py simulate), the GPU tests collected, kernel_speed.py and gpu_step.py run in their
 # --dry-run modes (gpu_step builds both models at full size on the meta device) and the report merged.
 set -uo pipefail
 
@@ -127,14 +127,14 @@ if [ $DRY = 1 ]; then
   phase env "$(cap env 60)" env_dry
   phase tests "$(cap tests 80)" "${SIM[@]}" -m pytest --collect-only -q -p no:cacheprovider "${GPU_TESTS[@]}" \
     -k "not dry_run"
-  phase kernels "$(cap kernels 90)" "${SIM[@]}" benchmarks/kernels.py --dry-run
+  phase kernels "$(cap kernels 90)" "${SIM[@]}" benchmarks/kernel_speed.py --dry-run
   phase step "$(cap step 230)" "${SIM[@]}" benchmarks/gpu_step.py --dry-run
   phase report "$(cap report 20)" "$PY" benchmarks/gpu_report.py "$OUTDIR" --dry-run
 else
   phase env "$(cap env 60)" env_real
   phase tests "$(cap tests 80)" "$PY" -P -m pytest -q -p no:cacheprovider --junitxml="$PARTS/tests.xml" \
     "${GPU_TESTS[@]}" -k "not dry_run"
-  phase kernels "$(cap kernels 90)" "$PY" benchmarks/kernels.py --budget 70 --results "$PARTS/kernels"
+  phase kernels "$(cap kernels 90)" "$PY" benchmarks/kernel_speed.py --budget 70 --results "$PARTS/kernels"
   phase step "$(cap step 230)" "$PY" benchmarks/gpu_step.py --budget 200 --out "$PARTS/step"
   phase report "$(cap report 20)" "$PY" benchmarks/gpu_report.py "$OUTDIR"
 fi

@@ -3,7 +3,7 @@
     python benchmarks/gpu_report.py DIR [--dry-run]
 
 ``DIR/parts/`` holds ``phases.tsv`` (phase, exit status, seconds, cap), ``tests.xml`` (pytest's
-JUnit report), ``kernels/results.json`` (``kernels.py --results``) and ``step/results.json``
+JUnit report), ``kernels/results.json`` (``kernel_speed.py --results``) and ``step/results.json``
 (``gpu_step.py --out``); any of them may be missing (a phase that failed or ran out of time, or a
 dry run, which makes no figures), which the report says. ``results.json`` holds every part, so
 ``gpu_check.sh`` removes ``parts/`` afterwards.

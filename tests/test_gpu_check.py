@@ -2,7 +2,7 @@
 runs natively on CUDA.
 
 Without a GPU, ``gpu_check.sh --dry-run`` must pass: it rehearses every phase on the CPU (the GPU
-image's packages, diffq staged and imported as there, the GPU tests collected, ``kernels.py`` and
+image's packages, diffq staged and imported as there, the GPU tests collected, ``kernel_speed.py`` and
 ``gpu_step.py`` in their dry-run modes, the report merged). On a GPU (``gpu_check.sh``'s ``tests``
 phase, no ``TRITON_INTERPRET``), the CUDA tests below run the compiled Triton kernels through the
 ``diffq::quantized_linear`` op on every case of ``tests/test_kernels.py`` and at real SDXL/Flux
@@ -33,7 +33,7 @@ def test_gpu_check_dry_run_lists_every_phase(tmp_path):
     for name in PHASES:
         assert f"== phase {name}: exit 0" in out, f"phase {name} missing or failed:\n{out[-4000:]}"
     assert "gpu_step: " in out and "checks passed" in out
-    assert "kernels.py dry run:" in out
+    assert "kernel_speed.py dry run:" in out
     assert "tests collected" in out or "test_kernels_natively" in out
     report = (tmp_path / "results.md").read_text()
     assert "dry run" in report and all(f"| {name} | ok |" in report for name in PHASES[:-1])

@@ -52,3 +52,17 @@ def test_diffq_kernels_is_ours_beside_the_installed_package(tmp_path):
         pythonpath=tmp_path,  # ahead of site-packages, where transformers may have installed the real one
     )
     assert out.splitlines()[-1] == "hub diffq.kernels.dispatch"
+
+
+def test_no_other_module_of_ours_shares_a_name_with_an_installed_or_standard_one():
+    """What the repository root, ``benchmarks/`` (a script's folder comes first on ``sys.path``)
+    and ``tests/`` (pytest inserts it) make importable by a bare name, against what the installed
+    distributions and the standard library provide: a clash hides theirs from every import,
+    transformers' included. ``diffq`` is this distribution; ``kernels/`` hands over (above)."""
+    import importlib.metadata
+
+    handled = {ROOT / "diffq", ROOT / "kernels"}
+    ours = [p for p in ROOT.iterdir() if (p / "__init__.py").exists() and p not in handled]
+    ours += [p for folder in (ROOT, ROOT / "benchmarks", ROOT / "tests") for p in folder.glob("*.py")]
+    theirs = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    assert [str(p.relative_to(ROOT)) for p in ours if p.stem in theirs] == []

@@ -1,7 +1,7 @@
 """Quantized linear kernels against ``torch.matmul`` at the layer shapes of SDXL and Flux.
 
-    python benchmarks/kernels.py [--tokens 4096] [--rank 32] [--budget SECONDS] [--out FILE] [--results DIR]
-    python benchmarks/kernels.py --dry-run     # every path once at a tiny shape on the CPU: seconds
+    python benchmarks/kernel_speed.py [--tokens 4096] [--rank 32] [--budget SECONDS] [--out FILE] [--results DIR]
+    python benchmarks/kernel_speed.py --dry-run     # every path once at a tiny shape on the CPU: seconds
 
 On CUDA every preset's path through :func:`diffq.kernels.triton_ops.quantized_linear_triton`
 (activation kernel + GEMM) is timed with ``triton.testing.do_bench`` at the token count of a
@@ -322,7 +322,7 @@ def run(tokens: int, rank: int, budget: float | None = None) -> tuple[str, dict]
     gemm_header = ["model", "M x K x N", "path", "ms", "TFLOP/s", "x matmul"]
     lowrank_header = ["model", "M x K x N", f"{LOWRANK_PRESET.name} ms", with_branch, "+ separate matmuls ms"]
     parts = [
-        f"**{title}** (`python benchmarks/kernels.py`)",
+        f"**{title}** (`python benchmarks/kernel_speed.py`)",
         markdown(gemm_header, gemm),
         f"Low-rank branch, rank {rank}, on {LOWRANK_PRESET.name}:",
         markdown(lowrank_header, lowrank),
@@ -352,7 +352,7 @@ def dry_run() -> str:
     lowrank = lowrank_rows(shapes, 32, 16, torch.float32, "cpu", _once, reference.quantized_linear)
     conv = conv_rows([("SDXL", 1, 32, 8)], torch.float32, "cpu", _once, reference.quantized_conv2d)
     notes = [f"{r[2]}: {r[3]}" for r in gemm if r[3].startswith("unavailable")]  # fp8 on a CPU build without it
-    return (f"kernels.py dry run: {len(SHAPES)} shapes, {len(PRESETS)} presets; {len(gemm)} GEMM rows and "
+    return (f"kernel_speed.py dry run: {len(SHAPES)} shapes, {len(PRESETS)} presets; {len(gemm)} GEMM rows and "
             f"{len(lowrank)} low-rank rows ran once at 32x64x64 on the CPU, {len(conv)} convolution rows at 1x32x8x8"
             + (f"; not runnable on this CPU (runs on CUDA): {'; '.join(notes)}" if notes else ""))
 
