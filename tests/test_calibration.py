@@ -239,6 +239,22 @@ def test_bos_handling_on_sd_pipeline_but_not_t5():
     assert not stats.bos
 
 
+def test_calibration_hands_freed_memory_back_after_every_denoiser_call(monkeypatch):
+    """Without a trim per call glibc kept what the observers' reductions freed: an SD 1.5-size UNet's
+    default calibration grew the heap by about the float weights again (benchmarks/RESULTS.md)."""
+    import diffq.pipelines.calibrate
+
+    pipe = tiny_sd_pipeline()
+    events = []
+    monkeypatch.setattr(diffq.pipelines.calibrate, "return_freed_memory", lambda: events.append("trim"))
+    hook = pipe.unet.register_forward_hook(lambda *_: events.append("call"))
+    try:
+        diffq.calibrate(pipe, TINY_PROMPTS[:2], num_inference_steps=3, progress=False, **tiny_call_kwargs(pipe))
+    finally:
+        hook.remove()
+    assert events == ["call", "trim"] * 6
+
+
 def test_split_concatenation_gets_one_scale_per_part():
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 32, 3, padding=1)
