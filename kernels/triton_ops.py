@@ -58,6 +58,7 @@ the int8 ``tl.dot`` with an int32 accumulator runs as is (numpy integer matmul, 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -548,7 +549,13 @@ def _narrow_n(zero_tiles: bool, rank: int, *, capability: int, weight_only: bool
     52 STL / 51 LDL on sm_90), GEMMs with a low-rank branch of rank > 64 spilled on sm_80 (rank
     256: 72 B stack, 14 STL / 25 LDL W4A4, 56 B W4A16; rank 128 W8A8: 32 B), and the weight-only
     GEMM spilled on consumer Blackwell (sm_120: 255 registers, 16 B stack, 3 STL / 3 LDL)."""
-    return zero_tiles or rank > 64 or (weight_only and capability // 10 == 12)
+    return zero_tiles or rank > 64 or (weight_only and _consumer_blackwell(capability))
+
+
+def _consumer_blackwell(capability: int) -> bool:
+    """``sm_12x`` (RTX 50 series): 64K registers and 99 KiB of shared memory per block, where some
+    of the data-centre tiles spill."""
+    return capability // 10 == 12
 
 
 def device_capability(device: torch.device) -> int:
@@ -557,7 +564,13 @@ def device_capability(device: torch.device) -> int:
     target read it here, and the static check (:mod:`diffq.kernels.compiled`) sets it per target."""
     if device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    """Read once per device: every launch asks."""
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
@@ -1195,7 +1208,7 @@ def _spills_registers(b: Blocks, int_path: bool, capability: int) -> bool:
     """Candidate tiles measured to spill where the 64-column rule of :func:`_narrow_n` does not
     cover them: on consumer Blackwell, a weight-only tile with more than 32 float32 accumulators
     per thread (128 x 64 with 4 warps: 255 registers, 8 B of stack, 2 STL / 2 LDL)."""
-    return not int_path and capability // 10 == 12 and b.m * b.n > 32 * 32 * b.warps
+    return not int_path and _consumer_blackwell(capability) and b.m * b.n > 32 * 32 * b.warps
 
 
 def prune_gemm_configs(configs: list[Blocks], *, M: int, K: int, seg: int, int_path: bool, w_bits: int,
