@@ -296,7 +296,7 @@ def _calibrate_module(
         )
     install_timestep_hook(module)
     observer = ActivationObserver(layers)
-    with observer.observe() as stats, torch.no_grad():
+    with observer.observe(module) as stats, torch.no_grad():
         for kwargs in tqdm(inputs, desc="diffq: calibrating", disable=not progress):
             module(**kwargs)
     return stats

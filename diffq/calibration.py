@@ -28,6 +28,7 @@ from torch import nn
 
 from diffq.context import cfg_split_active, current_timestep
 from diffq.errors import CheckpointError, QuantizationInputError
+from diffq.memory import return_freed_memory
 from diffq.saving import check_file_target, json_has_keys, write_file
 
 STATS_VERSION = 2
@@ -421,9 +422,16 @@ class ActivationObserver:
         return record
 
     @contextmanager
-    def observe(self) -> Iterator[CalibrationStats]:
-        """Hooks are installed inside the block and removed after it, even on error."""
+    def observe(self, model: nn.Module | None = None) -> Iterator[CalibrationStats]:
+        """Hooks are installed inside the block and removed after it, even on error.
+
+        With ``model`` (the module whose calls run the layers), freed memory goes back to the system
+        after each of its calls: the reductions free many blocks of a few MB per layer and call, which
+        glibc kept (with an SD 1.5-size UNet in memory its default calibration grew the heap by about
+        the float weights again, benchmarks/RESULTS.md)."""
         handles = [m.register_forward_pre_hook(self._hook(n, m)) for n, m in self.layers.items()]
+        if model is not None:
+            handles.append(model.register_forward_hook(lambda *_: return_freed_memory(), always_call=True))
         try:
             yield self.stats
         finally:

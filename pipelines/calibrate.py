@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 from diffq.calibration import ActivationObserver, CalibrationStats
 from diffq.context import set_cfg_split
 from diffq.errors import QuantizationInputError, UnsupportedTargetError
-from diffq.memory import return_freed_memory
 from diffq.pipelines.adapters import adapter_for, denoiser_of
 from diffq.pipelines.call_defaults import bundled_name, call_defaults
 from diffq.pipelines.patching import install_timestep_hook
@@ -126,17 +125,13 @@ def calibrate_pipeline(
 
     def count_step(*_: Any) -> None:  # one denoiser call per step; returns None so the output stands
         bar.update(1)  # (tqdm's update returns True when it redraws: a hook returning it replaces the output)
-        # The observers' reductions free many blocks of a few MB per call; glibc keeps them (its mmap
-        # threshold grows with what is freed) and the heap grew over the default calibration of an
-        # SD 1.5-size UNet to ~2x its float weights with the weights in memory. A trim per step hands it back.
-        return_freed_memory()
 
     hooks = [denoiser.register_forward_pre_hook(flag_guidance), denoiser.register_forward_hook(count_step)]
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     latent = not by_label and "output_type" in inspect.signature(pipe.__call__).parameters
     try:
-        with observer.observe() as stats, torch.no_grad():
+        with observer.observe(denoiser) as stats, torch.no_grad():
             for i, prompt in enumerate(prompts):
                 generator = torch.Generator(device="cpu").manual_seed(seed + i)
                 pipe(

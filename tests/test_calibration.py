@@ -242,17 +242,29 @@ def test_bos_handling_on_sd_pipeline_but_not_t5():
 def test_calibration_hands_freed_memory_back_after_every_denoiser_call(monkeypatch):
     """Without a trim per call glibc kept what the observers' reductions freed: an SD 1.5-size UNet's
     default calibration grew the heap by about the float weights again (benchmarks/RESULTS.md)."""
-    import diffq.pipelines.calibrate
+    from diffq import calibration
 
     pipe = tiny_sd_pipeline()
     events = []
-    monkeypatch.setattr(diffq.pipelines.calibrate, "return_freed_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(calibration, "return_freed_memory", lambda: events.append("trim"))
     hook = pipe.unet.register_forward_hook(lambda *_: events.append("call"))
     try:
         diffq.calibrate(pipe, TINY_PROMPTS[:2], num_inference_steps=3, progress=False, **tiny_call_kwargs(pipe))
     finally:
         hook.remove()
     assert events == ["call", "trim"] * 6
+
+
+def test_calibrating_a_bare_module_hands_freed_memory_back_after_every_call(monkeypatch):
+    from diffq import calibration
+
+    events = []
+    monkeypatch.setattr(calibration, "return_freed_memory", lambda: events.append("trim"))
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model.register_forward_hook(lambda *_: events.append("call"))
+    inputs = [{"input": torch.randn(2, 16)} for _ in range(3)]
+    diffq.quantize(model, "w8a8", calibration=inputs, progress=False)
+    assert events[: 2 * len(inputs)] == ["call", "trim"] * len(inputs)
 
 
 def test_split_concatenation_gets_one_scale_per_part():
