@@ -253,20 +253,20 @@ def lowrank_rows(shapes, tokens: int, rank: int, dtype: torch.dtype, device: str
 
 
 def conv_layer(preset: Preset, channels: int, dtype: torch.dtype, device: str) -> dict:
-    """A quantized 3x3 ``channels -> channels`` convolution of ``preset`` (no dynamic activations)."""
+    """A quantized 3x3 ``channels -> channels`` convolution of ``preset`` (dynamic activation scales
+    per pixel and group of channels, smoothing per channel)."""
     kw = layer(preset, channels * 9, channels, 0, dtype, device)
     kw.pop("in_features")
-    kw.pop("act_group_size")
     if kw["act_scale"] is not None:
         kw["act_scale"] = kw["act_scale"].reshape(1)
     kw.update(weight_shape=(channels, channels, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
-              smooth=None)
+              smooth=(torch.rand(channels, device=device) + 0.5).to(dtype) if preset.smooth else None)
     return kw
 
 
 def conv_rows(shapes, dtype: torch.dtype, device: str, timer, kernel, deadline: Deadline | None = None
               ) -> list[list[str]]:
-    """One row per convolution shape and preset (static activations, weight-only): time, TFLOP/s
+    """One row per convolution shape and preset: time, TFLOP/s
     (``2 M N K`` with ``M`` output pixels, ``K = 9 C``) and speedup over ``F.conv2d`` in ``dtype``."""
     rows = []
     deadline = deadline or Deadline(None)
@@ -280,7 +280,7 @@ def conv_rows(shapes, dtype: torch.dtype, device: str, timer, kernel, deadline: 
         base = timer(lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1))
         rows.append([model, what, f"F.conv2d {str(dtype).removeprefix('torch.')}", f"{base:.3f}",
                      f"{tflops(M, K, channels, base):.2f}", "1.00"])
-        for preset in (p for p in PRESETS if p.act_bits is None or p.static):
+        for preset in PRESETS:
             ms = timer(call(kernel, x, conv_layer(preset, channels, dtype, device)))
             rows.append([model, what, preset.name, f"{ms:.3f}", f"{tflops(M, K, channels, ms):.2f}", f"{base / ms:.2f}"])
     return rows
@@ -326,7 +326,8 @@ def run(tokens: int, rank: int, budget: float | None = None) -> tuple[str, dict]
         markdown(gemm_header, gemm),
         f"Low-rank branch, rank {rank}, on {LOWRANK_PRESET.name}:",
         markdown(lowrank_header, lowrank),
-        "3x3 convolutions (implicit GEMM; static activation scales or weight-only):",
+        ("3x3 convolutions (implicit GEMM; W4A4's dynamic scales: its input fake-quantized, then the 16-bit "
+         "weight-only GEMM):"),
         markdown(gemm_header, conv),
     ]
     if device == "cuda":

@@ -6,7 +6,8 @@ nodes to ``torch.compile``, with one implementation per device, chosen by PyTorc
 * CPU: the integer kernels of :mod:`diffq.kernels.cpu` (``torch._int_mm``);
 * CUDA (with Triton installed): the fused Triton kernels of :mod:`diffq.kernels.triton_ops` for
   linear layers and convolutions (1x1 ones as linear layers over their pixels, others as an
-  implicit GEMM; dynamic activation scales on k x k kernels and grouped ones run the reference);
+  implicit GEMM, with dynamic activation scales on the fake-quantized input in 16 bits; grouped
+  convolutions run the reference);
 * every other device: the pure-torch reference in :mod:`diffq.kernels.reference`, which
   *defines* the function the others compute;
 * fake tensors (tracing, ``torch.compile``): output shapes only.

@@ -47,9 +47,13 @@ gathers each ``[pixels, channel x tap]`` patch tile straight from ``x`` (in the 
 column order, so weight groups and the packed codes are the linear layers'), quantizes it as it
 loads it with the static scale and runs the integer GEMM and epilogue of ``_int_gemm_kernel``
 (or the weight-only one's), after ``_conv_lowrank_kernel`` for a low-rank branch. Dynamic
-activation scales on k x k kernels stay on the reference (a patch mixes pixels whose scales
-differ, so no integer sum can be scaled once), as do grouped convolutions. The patch loads are
-16-bit gathers (a K tile spans several taps), not vector copies.
+activation scales (W4A4: per pixel and 64 channels) differ between the pixels of one patch, so no
+integer sum can be scaled once: ``_act_kernel`` first fake-quantizes ``x`` per pixel (the
+reference's codes and scales, their product rounded to ``x``'s dtype) and the weight-only GEMM
+runs on those patches, at 16-bit tensor-core rate with 4-bit weight traffic. An int4 x int4 path
+would need weight groups that do not cross taps, which the stored column order (the reference's)
+does not have. Grouped convolutions stay on the reference. The patch loads are 16-bit gathers (a
+K tile spans several taps), not vector copies.
 
 Under ``TRITON_INTERPRET=1`` (tests on CPU) every float ``tl.dot`` casts its operands to
 float32 after the 16-bit rounding above, so the interpreter computes the same numbers;
@@ -114,11 +118,16 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize_store(q_ptr, xs, scale, offs_m, offs_k, mask, stride_qm, QMAX: tl.constexpr):
-    """Store ``clamp(round(xs / scale))`` as int8 (``scale`` broadcasts against ``xs``)."""
+def _quantize_store(q_ptr, xs, scale, offs_m, offs_k, mask, stride_qm, QMAX: tl.constexpr, FAKE: tl.constexpr):
+    """Store ``q = clamp(round(xs / scale))`` as int8, or with ``FAKE`` the float32 product ``q * scale``
+    in ``q_ptr``'s dtype (``scale`` broadcasts against ``xs``)."""
     v = _round_half_even(tl.div_rn(xs, scale))
     v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v.to(tl.int8), mask=mask)
+    if FAKE:
+        v = (v * scale).to(q_ptr.dtype.element_ty)
+    else:
+        v = v.to(tl.int8)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -219,10 +228,11 @@ def _act_kernel(
     x_ptr, smooth_ptr, l1_ptr, static_ptr, q_ptr, s_ptr, t_ptr,
     M, K, R, stride_xm, stride_l1k, stride_l1r, stride_qm, stride_sm, stride_tm,
     HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, L1_FP32: tl.constexpr, QUANT: tl.constexpr,
-    STATIC: tl.constexpr, A_GROUPED: tl.constexpr, QMAX: tl.constexpr,
+    STATIC: tl.constexpr, A_GROUPED: tl.constexpr, QMAX: tl.constexpr, FAKE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Smooth + quantize ``x`` to int8 values with scales, and ``t = (x / smooth) @ L1``."""
+    """Smooth + quantize ``x`` to int8 values with scales (``FAKE``: to their products, in ``q``'s
+    float dtype), and ``t = (x / smooth) @ L1``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     t = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
@@ -236,11 +246,11 @@ def _act_kernel(
             t = _fdot(xs.to(l1.dtype), l1, t, L1_FP32, INTERPRET)
         if QUANT:
             if STATIC:
-                _quantize_store(q_ptr, xs, tl.load(static_ptr).to(tl.float32), offs_m, offs_k, mask, stride_qm, QMAX)
+                _quantize_store(q_ptr, xs, tl.load(static_ptr).to(tl.float32), offs_m, offs_k, mask, stride_qm, QMAX, FAKE)
             elif A_GROUPED:  # BLOCK_K is the activation group
                 s = _dynamic_scale(tl.max(tl.abs(xs), axis=1), QMAX)
                 tl.store(s_ptr + offs_m * stride_sm + k0 // BLOCK_K, s, mask=offs_m < M)
-                _quantize_store(q_ptr, xs, s[:, None], offs_m, offs_k, mask, stride_qm, QMAX)
+                _quantize_store(q_ptr, xs, s[:, None], offs_m, offs_k, mask, stride_qm, QMAX, FAKE)
             else:
                 amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
     if HAS_LORA:
@@ -252,7 +262,7 @@ def _act_kernel(
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xs, mask = _load_smoothed(x_ptr, smooth_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH)
-            _quantize_store(q_ptr, xs, s[:, None], offs_m, offs_k, mask, stride_qm, QMAX)
+            _quantize_store(q_ptr, xs, s[:, None], offs_m, offs_k, mask, stride_qm, QMAX, FAKE)
 
 
 @triton.jit
@@ -787,7 +797,7 @@ def conv2d_unsupported_reason(
 
     Unpadded 1x1 convolutions run the linear kernels (any activation scheme; ``dilation`` does not
     matter, a stride samples the input first); every other one the implicit-GEMM kernel, for
-    weight-only layers and static activation scales (:func:`_implicit_gemm_reason`).
+    weight-only layers, static activation scales and dynamic ones (:func:`_implicit_gemm_reason`).
     """
     kwargs = dict(w_bits=w_bits, w_code_offset=w_code_offset, weight_shape=weight_shape, stride=stride,
                   padding=padding, dilation=dilation, groups=groups, bias=bias, act_bits=act_bits,
@@ -858,29 +868,47 @@ def _implicit_gemm_reason(
         return reason
     if groups != 1:
         return f"groups={groups}"
-    if act_bits is not None and act_scale is None:
-        return (f"dynamic activation scales on a {kh}x{kw} (or padded) convolution: a patch mixes pixels with "
-                "different scales (Triton runs those for unpadded 1x1 kernels only)")
-    if len(act_segments) > 1 or (act_bits is not None and act_scale.numel() != len(act_segments) + 1):
+    dynamic = act_bits is not None and act_scale is None
+    if dynamic:
+        reason = _dynamic_pixels_reason(channels, act_bits, act_segments, act_group_size)
+        if reason is not None:
+            return reason
+    elif len(act_segments) > 1 or (act_bits is not None and act_scale.numel() != len(act_segments) + 1):
         return "activation segments other than one split with a static scale each"
     if isinstance(padding, str) and (padding not in ("same", "valid") or (padding == "same" and tuple(stride) != (1, 1))):
         return f"padding {padding!r} with stride {stride}"
     if min(_conv_output(x, weight_shape, stride, padding, dilation)) <= 0 or x.numel() == 0:
         return "empty input or output"
     K = channels * kh * kw
+    gemm_act_bits = None if dynamic else act_bits  # dynamic: a 16-bit GEMM of the fake-quantized input
     reason = _operands_reason(qweight, w_scale, w_zero, w_bits=w_bits, w_code_offset=w_code_offset, K=K,
-                              act_bits=act_bits, act_scale=None, a_group=None, lowrank_down=lowrank_down,
+                              act_bits=gemm_act_bits, act_scale=None, a_group=None, lowrank_down=lowrank_down,
                               lowrank_up=lowrank_up)
     if reason is not None:
         return reason
-    seg = _conv_segment(K, kh * kw, w_scale, act_segments)
-    min_tile = 16 if act_bits is None else 32
+    seg = _conv_segment(K, kh * kw, w_scale, () if dynamic else act_segments)
+    min_tile = 16 if gemm_act_bits is None else 32
     if seg != K and _pow2_divisor(seg) < min_tile:
         return f"scale groups or segments of {seg} columns (Triton needs K tiles of at least {min_tile})"
     if smooth is not None and smooth.numel() != channels:
         return "smoothing vector is not one value per input channel"
     if bias is not None and bias.numel() != out:
         return "bias is not one value per output channel"
+    return None
+
+
+def _dynamic_pixels_reason(channels: int, act_bits: int, act_segments: tuple[int, ...],
+                           act_group_size: int | None) -> str | None:
+    """Why :func:`fake_quantize_pixels` cannot quantize a convolution's input (``None``: it can)."""
+    if not 2 <= act_bits <= 8:
+        return f"{act_bits}-bit activations (Triton quantizes 2..8 bits)"
+    bounds = [0, *act_segments, channels]
+    if any(lo >= hi for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)):
+        return f"activation segments {act_segments} are not increasing channel indices inside 0..{channels}"
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        group = _activation_group(hi - lo, act_bits, None, act_group_size)
+        if group is not None and (group < 32 or group & (group - 1) or group > 1024):
+            return f"activation group {group} (Triton needs a power of two in 32..1024)"
     return None
 
 
@@ -972,11 +1000,49 @@ def act_quant_lowrank(
         HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0,
         L1_FP32=r > 0 and lowrank_down.dtype == torch.float32, QUANT=quant, STATIC=static,
         A_GROUPED=quant and not static and group_size is not None,
-        QMAX=2 ** (act_bits - 1) - 1 if quant else 1,
+        QMAX=2 ** (act_bits - 1) - 1 if quant else 1, FAKE=False,
         BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=_rank_pad(r), INTERPRET=INTERPRET,
         num_warps=4,
     )
     return q, s, t
+
+
+def fake_quantize_pixels(
+    x: torch.Tensor,
+    act_bits: int,
+    *,
+    act_group_size: int | None = None,
+    act_segments: tuple[int, ...] = (),
+    smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [N, C, H, W] / smooth`` fake-quantized with dynamic scales per pixel (and
+    ``act_group_size`` channels) in each channel segment, as :func:`reference.quantized_conv2d`
+    quantizes a convolution's input, then rounded to ``x``'s dtype; returned channels-last.
+
+    One ``_act_kernel`` pass per segment over the pixels as rows: the codes and scales are the
+    reference's bit for bit, their float32 products are rounded to ``x``'s dtype once (exact for
+    float32).
+    """
+    n, channels, height, width = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # a view for channels-last x
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty_like(rows, memory_format=torch.contiguous_format)
+    smooth = None if smooth is None else smooth.contiguous()
+    bounds = [0, *act_segments, channels]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        group = _activation_group(hi - lo, act_bits, None, act_group_size)
+        scales = torch.empty((rows.shape[0], (hi - lo) // group if group else 1), dtype=torch.float32,
+                             device=x.device)
+        block_m, block_k = _act_blocks(hi - lo, group)
+        _act_kernel[(triton.cdiv(rows.shape[0], block_m),)](
+            rows[:, lo:hi], out if smooth is None else smooth[lo:hi], out, out, out[:, lo:hi], scales, out,
+            rows.shape[0], hi - lo, 0, rows.stride(0), 0, 0, out.stride(0), scales.stride(0), 0,
+            HAS_SMOOTH=smooth is not None, HAS_LORA=False, L1_FP32=False, QUANT=True, STATIC=False,
+            A_GROUPED=group is not None, QMAX=2 ** (act_bits - 1) - 1, FAKE=True,
+            BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=_rank_pad(0), INTERPRET=INTERPRET, num_warps=4,
+        )
+    return out.view(n, height, width, channels).permute(0, 3, 1, 2)
 
 
 def _epilogue_args(t: torch.Tensor | None, lowrank_up: torch.Tensor | None, bias: torch.Tensor | None,
@@ -1100,7 +1166,10 @@ def implicit_gemm_conv2d(
 
     With static activation scales ``_conv_kernel`` quantizes the patches as it loads them and
     multiplies them by the int8 weight codes; weight-only layers multiply the float patches by the
-    codes' values. A low-rank branch's down-projection (a ``kh x kw`` convolution to ``r``
+    codes' values. With dynamic scales (per pixel, so a patch's values have different ones and no
+    integer sum can be scaled once) :func:`fake_quantize_pixels` quantizes ``x`` first and the
+    weight-only GEMM multiplies its fake-quantized patches, in ``x``'s dtype, by the codes' values.
+    A low-rank branch's down-projection (a ``kh x kw`` convolution to ``r``
     channels) runs first (``_conv_lowrank_kernel``); the GEMM's epilogue adds its up-projection
     and the bias. Tiles are :func:`_gemm_blocks`' (convolutions do not autotune yet);
     :func:`_implicit_gemm_reason` says what this accepts.
@@ -1111,12 +1180,16 @@ def implicit_gemm_conv2d(
     K = channels * taps
     ho, wo = _conv_output(x, weight_shape, stride, padding, dilation)
     M = n_images * ho * wo
-    geometry = (height, width, ho, wo, taps, kw, *stride, *_conv_padding(padding, (kh, kw), dilation), *dilation,
-                *x.stride())
+    shape = (height, width, ho, wo, taps, kw, *stride, *_conv_padding(padding, (kh, kw), dilation), *dilation)
     smooth = None if smooth is None else smooth.contiguous()
     t = None
     if lowrank_down is not None and lowrank_up is not None and lowrank_down.shape[1]:
-        t = _conv_lowrank(x, smooth, lowrank_down, M, K, geometry)
+        t = _conv_lowrank(x, smooth, lowrank_down, M, K, (*shape, *x.stride()))
+    patches, patch_smooth = x, smooth
+    if act_bits is not None and act_scale is None:  # the 16-bit GEMM of the fake-quantized input
+        patches = fake_quantize_pixels(x, act_bits, act_group_size=act_group_size, act_segments=act_segments,
+                                       smooth=smooth)
+        patch_smooth, act_bits, act_segments = None, None, ()
     int_path = act_bits is not None
     seg = _conv_segment(K, taps, w_scale, act_segments)
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
@@ -1130,10 +1203,11 @@ def implicit_gemm_conv2d(
     seg_col = act_segments[0] * taps if int_path and act_segments else K
     grid = (triton.cdiv(M, blocks.m) * triton.cdiv(out, blocks.n),)
     _conv_kernel[grid](
-        x, y if smooth is None else smooth, static, qweight, w_scale, y if w_zero is None else w_zero, *ptrs, y,
-        M, out, K, qweight.shape[1], rank, w_code_offset, w_group or K, seg_col, *geometry,
+        patches, y if patch_smooth is None else patch_smooth, static, qweight, w_scale,
+        y if w_zero is None else w_zero, *ptrs, y,
+        M, out, K, qweight.shape[1], rank, w_code_offset, w_group or K, seg_col, *shape, *patches.stride(),
         qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero), *lstrides, y.stride(0),
-        **flags, MODE=0 if int_path else 1, W_BITS=w_bits, HAS_SMOOTH=smooth is not None,
+        **flags, MODE=0 if int_path else 1, W_BITS=w_bits, HAS_SMOOTH=patch_smooth is not None,
         HAS_ZERO=w_zero is not None, HAS_CORR=int_path and (w_zero is not None or w_code_offset != 2 ** (w_bits - 1)),
         W_GROUPED=w_group is not None, SEGMENTED=int_path and bool(act_segments),
         QMAX=2 ** (act_bits - 1) - 1 if int_path else 1, FP32=fp32, INTERPRET=INTERPRET,

@@ -110,7 +110,9 @@ def expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[torch
 def conv_expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`expected_and_tolerance` for a convolution (``kw``: the reference's keyword arguments):
     the float64 function over the patches (``F.unfold``, the weight's column order), rows are the
-    output pixels ``(n, oh, ow)``. Static activation scales only (elementwise, per channel segment)."""
+    output pixels ``(n, oh, ow)``. Activations are quantized per channel segment with its static
+    scale, or with dynamic ones per pixel (and ``act_group_size`` channels): the kernel fake-quantizes
+    those and rounds them to ``x``'s dtype, an error of ``u_x |q s| @ |W|^T``."""
     out, channels, kh, kw_ = kw["weight_shape"]
     K = channels * kh * kw_
     smooth = kw.get("smooth")
@@ -118,15 +120,21 @@ def conv_expected_and_tolerance(x, qweight, w_scale, w_zero, kw: dict) -> tuple[
     xs64 = x64 if smooth is None else x64 / smooth.double().reshape(1, -1, 1, 1)
     if kw["act_bits"] is None:
         a64, u_act = xs64, (UNIT[x.dtype] if smooth is not None else 0.0)
-    else:  # the float32 reference's codes, per channel segment with its static scale
+    else:  # the float32 reference's codes, per channel segment
         xs32 = x.float() if smooth is None else x.float() / smooth.float().reshape(1, -1, 1, 1)
         bounds = [0, *kw.get("act_segments", ()), channels]
-        scales = kw["act_scale"].reshape(-1)
+        static = kw.get("act_scale")
         parts = []
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            q, s = reference.quantize_activations(xs32[:, lo:hi].reshape(-1, 1), kw["act_bits"], scales[i])
-            parts.append((q.double() * s.double()).reshape(xs32[:, lo:hi].shape))
-        a64, u_act = torch.cat(parts, dim=1), 0.0
+            pixels = xs32[:, lo:hi].movedim(1, -1)
+            if static is None:  # dynamic: per pixel (and group of channels)
+                q, s = reference.quantize_activations(pixels.reshape(-1, hi - lo), kw["act_bits"], None,
+                                                      kw.get("act_group_size"))
+            else:
+                q, s = reference.quantize_activations(pixels.reshape(-1, 1), kw["act_bits"], static.reshape(-1)[i])
+            parts.append((q.double() * s.double()).reshape(pixels.shape).movedim(-1, 1))
+        a64 = torch.cat(parts, dim=1)
+        u_act = UNIT[x.dtype] if static is None and x.dtype != torch.float32 else 0.0
     padding = kw["padding"]
     if padding == "same":
         padding = tuple(d * (k - 1) // 2 for k, d in zip((kh, kw_), kw["dilation"], strict=True))

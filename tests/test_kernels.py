@@ -230,7 +230,8 @@ def test_1x1_convolution_runs_the_linear_kernels(case, shape, stride):
 @dataclass(frozen=True)
 class ConvCase:
     """One quantized convolution for the implicit-GEMM kernel: weights as ``w_bits``/``w_group``/``asym``,
-    activations static (``act_bits``, one scale per segment) or 16-bit (``None``)."""
+    activations static (``act_bits``, one scale per segment), dynamic (per pixel and ``act_group``
+    channels) or 16-bit (``None``)."""
 
     name: str
     x: tuple[int, int, int, int]
@@ -249,6 +250,8 @@ class ConvCase:
     smooth: bool = False
     dtype: torch.dtype = torch.float16
     channels_last: bool = False
+    dynamic: bool = False
+    act_group: int | None = None
 
 
 IMPLICIT_GEMM_CASES = [
@@ -266,6 +269,15 @@ IMPLICIT_GEMM_CASES = [
              asym=True, dtype=torch.bfloat16),
     ConvCase("w4a16-g64-4x4-s2-r16-fp32", (1, 32, 6, 6), 24, (4, 4), (2, 2), (1, 1), 4, 64, None, rank=16,
              dtype=torch.float32),
+    # Dynamic activation scales (W4A4's per pixel and group of 64 channels): fake-quantized, then 16-bit.
+    ConvCase("w4a4-g64-actg64-3x3-r16-bias-smooth", (2, 128, 5, 4), 40, (3, 3), (1, 1), (1, 1), 4, 64, 4,
+             rank=16, bias=True, smooth=True, dynamic=True, act_group=64),
+    ConvCase("w4a4-ch-dyn-3x3-s2-bf16-cl", (1, 64, 7, 6), 24, (3, 3), (2, 2), (1, 1), 4, None, 4,
+             dtype=torch.bfloat16, channels_last=True, dynamic=True),
+    ConvCase("w8a8-g64-asym-actg32-split-same-fp32", (1, 64, 6, 5), 24, (3, 3), (1, 1), "same", 8, 64, 8,
+             asym=True, split=32, dtype=torch.float32, dynamic=True, act_group=32),
+    ConvCase("w4a4-ch-dyn-1x1-padded-smooth", (2, 64, 3, 4), 24, (1, 1), (1, 1), (1, 1), 4, None, 4,
+             smooth=True, dynamic=True, act_group=32),
 ]
 
 
@@ -281,11 +293,11 @@ def _conv_inputs(case: ConvCase):
         x = x.to(memory_format=torch.channels_last)
     kw = dict(w_bits=case.w_bits, w_code_offset=0 if case.asym else 2 ** (case.w_bits - 1),
               weight_shape=(case.out, channels, *case.kernel), stride=case.stride, padding=case.padding,
-              dilation=case.dilation, groups=1, act_bits=case.act_bits,
+              dilation=case.dilation, groups=1, act_bits=case.act_bits, act_group_size=case.act_group,
               act_segments=(case.split,) if case.split else (),
               bias=torch.randn(case.out).to(case.dtype) if case.bias else None,
               smooth=(torch.rand(channels) + 0.5).to(case.dtype) if case.smooth else None)
-    if case.act_bits is not None:  # clips the largest activations, so the clamp is exercised
+    if case.act_bits is not None and not case.dynamic:  # clips the largest activations, so the clamp is exercised
         segments = 2 if case.split else 1
         kw["act_scale"] = torch.tensor([0.7, 0.5][:segments]) * 3.0 / (2 ** (case.act_bits - 1) - 1)
     if case.rank:
@@ -328,11 +340,25 @@ def test_implicit_gemm_quantizes_patches_as_the_reference_does():
     assert torch.equal(y, reference.quantized_conv2d(x, pack(codes, 8), w_scale, None, **kw))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("segments, group", [((), 32), ((48,), None), ((32,), 32)])
+def test_dynamic_convolution_input_is_fake_quantized_as_the_reference_does(segments, group, dtype):
+    """A convolution's input with dynamic scales (per pixel, group and segment, after smoothing) is
+    fake-quantized to the reference's values bit for bit, then rounded once to ``x``'s dtype."""
+    x = (torch.randint(-300, 300, (2, 64, 3, 5)) * 0.25).to(dtype)  # many exact .5 ties
+    x[0, :, 1, 2] = 0  # an all-zero pixel: scale 1
+    smooth = (torch.rand(64) + 0.5).to(dtype)
+    y = triton_ops.fake_quantize_pixels(x, 4, act_group_size=group, act_segments=segments, smooth=smooth)
+    xs = x.float() / smooth.float().reshape(1, -1, 1, 1)
+    expected = reference._fake_quantize_channels(xs, 4, None, segments, group).to(dtype)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y, expected)
+
+
 @pytest.mark.parametrize("change, reason", [
-    (dict(weight_shape=(24, 32, 3, 3)), "dynamic activation scales"),
+    (dict(weight_shape=(24, 32, 3, 3), act_group_size=16), "activation group 16"),
     (dict(groups=2, weight_shape=(24, 16, 1, 1)), "groups=2"),
-    (dict(padding=(1, 1)), "dynamic activation scales"),
-    (dict(act_segments=(16,)), "dynamic activation scales"),
+    (dict(padding=(1, 1), act_group_size=8), "activation group 8"),
     (dict(weight_shape=(24, 32, 3, 3), act_scale=torch.tensor([0.1, 0.2]), act_segments=(12,)), "segments of"),
 ])
 def test_other_convolutions_run_the_reference(change, reason):
@@ -377,19 +403,22 @@ def test_cuda_convolution_kernel_hands_1x1_convolutions_to_triton(monkeypatch):
     assert torch.equal(y, triton_ops.quantized_conv2d_triton(x, qweight, w_scale, w_zero, **conv_kw))
 
 
-def test_cuda_convolution_kernel_hands_3x3_convolutions_to_the_implicit_gemm(monkeypatch):
-    """A split 3x3 convolution with static scales goes from the op's CUDA kernel to the implicit GEMM."""
+@pytest.mark.parametrize("case", [c for c in IMPLICIT_GEMM_CASES if c.name in (
+    "w8a8-ch-3x3-s2-split-bf16", "w4a4-g64-actg64-3x3-r16-bias-smooth")], ids=lambda c: c.name)
+def test_cuda_convolution_kernel_hands_3x3_convolutions_to_the_implicit_gemm(monkeypatch, case):
+    """A split 3x3 convolution with static scales, and a W4A4 one with dynamic scales, smoothing and a
+    low-rank branch, go from the op's CUDA kernel to the implicit GEMM."""
     monkeypatch.delenv("DIFFQ_KERNELS", raising=False)
     monkeypatch.delenv("DIFFQ_NO_TRITON", raising=False)
     monkeypatch.setattr(kernels, "_triton_launcher", lambda name: getattr(triton_ops, name))
     launched = []
     implicit = triton_ops.implicit_gemm_conv2d
     monkeypatch.setattr(triton_ops, "implicit_gemm_conv2d", lambda *a, **k: launched.append(1) or implicit(*a, **k))
-    case = IMPLICIT_GEMM_CASES[1]
     x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
     y = kernels._conv2d_cuda(x, qweight, w_scale, w_zero, kw["w_bits"], kw["w_code_offset"], list(kw["weight_shape"]),
                              list(kw["stride"]), list(kw["padding"]), None, list(kw["dilation"]), 1, kw["bias"],
-                             kw["act_bits"], kw["act_scale"], list(kw["act_segments"]), None, None, None, None, None)
+                             kw["act_bits"], kw.get("act_scale"), list(kw["act_segments"]), kw["act_group_size"],
+                             kw["smooth"], kw.get("lowrank_down"), kw.get("lowrank_up"), None)
     assert launched == [1]
     assert torch.equal(y, implicit(x, qweight, w_scale, w_zero, **kw))
 

@@ -10,7 +10,8 @@ ones for the integer GEMMs), fits the target's shared memory and reads the packe
 least 32 bits per thread (vector or ``cp.async`` copies, no ``LDG.E.U8``). The activation pass and
 the GEMM epilogues are also compiled at ranks 64, 128 and 256 (the largest Triton takes), where
 register pressure is highest. SDXL's 3x3 convolutions (W8A8, W4A8 ± split ± zero points and a
-rank-32 branch, the stride-2 downsampler, W4A16/W8A16) compile through a real
+rank-32 branch, the stride-2 downsampler, W4A16/W8A16, and W4A4, whose dynamic scales send its
+input through the activation pass to be fake-quantized first) compile through a real
 ``QuantizedConv2d.forward`` to the implicit-GEMM kernels, checked the same way; their patch tiles
 are 16-bit gathers (reported in the table's ``x loads`` column, not asserted).
 :mod:`diffq.kernels.compiled` does the work, in one
@@ -21,7 +22,11 @@ makes later sessions faster.
 stack, STL/LDL, shared memory, MMA instructions, weight-code loads).
 """
 
+import dataclasses
+
 import pytest
+
+from diffq.presets import get_preset
 
 compiled = pytest.importorskip("diffq.kernels.compiled")
 
@@ -99,6 +104,9 @@ CONVS = [
     LayerCase("sdxl-down-w8a8", 2, 640, 640, "w8a8", {}, True, "float16", HOPPER, conv=CONV_DOWN),
     LayerCase("sdxl-conv3x3-w4a16", 2, 640, 640, "w4a16", {}, True, "float16", ALL, conv=CONV_640),
     LayerCase("sdxl-conv3x3-w8a16", 2, 640, 640, "w8a16", {}, True, "float16", HOPPER, conv=CONV_640),
+    # W4A4 (dynamic scales per pixel and 64 channels, smoothing, rank 32): fake-quantized input, 16-bit GEMM.
+    LayerCase("sdxl-conv3x3-w4a4-r32", 2, 640, 640, "w4a4", {}, True, "float16", ALL, conv=CONV_640),
+    LayerCase("sdxl-down-w4a4-rtn", 2, 640, 640, "w4a4-rtn", {}, True, "float16", HOPPER, conv=CONV_DOWN),
 ]
 CASES += CONVS
 # Consumer Blackwell (sm_120, e.g. RTX 50xx; 99 KiB of shared memory per block): the integer paths, linear and 3x3.
@@ -109,6 +117,7 @@ SM120 = [
     LayerCase("sm120-flux-w4a4-r32-attn", *FLUX_ATTN, "w4a4", {}, True, "bfloat16", BLACKWELL),
     LayerCase("sm120-sdxl-conv3x3-w4a8", 2, 640, 640, "w4a8", {}, True, "float16", BLACKWELL, conv=CONV_640),
     LayerCase("sm120-sdxl-conv3x3-w4a16", 2, 640, 640, "w4a16", {}, True, "float16", BLACKWELL, conv=CONV_640),
+    LayerCase("sm120-sdxl-conv3x3-w4a4-r32", 2, 640, 640, "w4a4", {}, True, "float16", BLACKWELL, conv=CONV_640),
 ]
 CASES += SM120
 # The weight-only GEMM's 128 x 128 x 64 tile spilled on sm_120 (255 registers, 16 B of stack, 3 STL / 3 LDL;
@@ -119,21 +128,33 @@ CASES.append(SM120_WEIGHT_ONLY)
 TUNED.append(SM120_WEIGHT_ONLY)
 
 # What each case launches: the activation pass (quantized activations or a low-rank branch), then a GEMM;
-# a convolution its low-rank down-projection (if any), then the implicit GEMM.
+# a convolution its low-rank down-projection (if any), the activation pass that fake-quantizes its input
+# (dynamic scales), then the implicit GEMM.
 ACT, INT_GEMM, WEIGHT_ONLY = "_act_kernel", "_int_gemm_kernel", "_weight_only_kernel"
 CONV, CONV_LOWRANK = "_conv_kernel", "_conv_lowrank_kernel"
 
 
+def _layer_config(case):
+    return dataclasses.replace(get_preset(case.preset).layer, **case.overrides)
+
+
 def _kernels(case):
     int_path = case.preset not in ("w4a16", "w8a16")
-    has_rank = case.overrides.get("rank", 0) > 0
+    has_rank = _layer_config(case).rank > 0
     if case.conv is not None:
-        return ([CONV_LOWRANK] if has_rank else []) + [CONV]
+        return ([CONV_LOWRANK] if has_rank else []) + ([ACT] if _dynamic_conv(case) else []) + [CONV]
     return ([ACT] if int_path or has_rank else []) + [INT_GEMM if int_path else WEIGHT_ONLY]
 
 
 def _int_path(case):
-    return case.preset not in ("w4a16", "w8a16")
+    """Whether the case's GEMM multiplies int8 activations (a dynamic-scale convolution's does not)."""
+    return case.preset not in ("w4a16", "w8a16") and not _dynamic_conv(case)
+
+
+def _dynamic_conv(case):
+    """A convolution with dynamic activation scales: its input is fake-quantized, then a 16-bit GEMM."""
+    config = _layer_config(case)
+    return case.conv is not None and config.a_bits is not None and config.a_mode == "dynamic"
 
 
 ITEMS = [(c, k, t) for c in CASES if c.name.endswith("-attn") or c.m < 64 or c.conv
