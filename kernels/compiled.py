@@ -522,7 +522,7 @@ def compile_cases(cases: list[LayerCase]) -> list[KernelReport]:
         for capability in case.targets:
             for launch in record_launches(case, ops, capability):
                 variants = [(case.name, launch)]
-                if case.tile_configs and launch.kernel != "_act_kernel":
+                if case.tile_configs and launch.kernel not in ("_act_kernel", "_conv_lowrank_kernel"):
                     variants += _tile_variants(case.name, launch, ops, capability)
                 for name, variant in variants:
                     key = _key(variant, capability)
@@ -535,9 +535,12 @@ def compile_cases(cases: list[LayerCase]) -> list[KernelReport]:
 
 def _tile_variants(name: str, launch: Launch, ops: ModuleType, capability: int) -> list[tuple[str, Launch]]:
     """``launch`` with each autotuning candidate the pruner keeps for it on ``sm_<capability>``."""
-    int_path = launch.kernel == "_int_gemm_kernel"
+    if launch.kernel == "_conv_kernel":
+        int_path, configs = launch.kwargs["MODE"] == 0, ops.CONV_CONFIGS
+    else:
+        int_path = launch.kernel == "_int_gemm_kernel"
+        configs = ops.INT_CONFIGS if int_path else ops.WEIGHT_ONLY_CONFIGS
     named = dict(zip(launch.fn.arg_names, launch.args, strict=False))
-    configs = ops.INT_CONFIGS if int_path else ops.WEIGHT_ONLY_CONFIGS
     out = []
     for b in ops.prune_for_call(configs, int_path, named, launch.kwargs, SHARED_LIMIT[capability], capability):
         kwargs = {**launch.kwargs, "BLOCK_M": b.m, "BLOCK_N": b.n, "BLOCK_K": b.k, "GROUP_M": b.group_m,

@@ -35,10 +35,11 @@ Everything else -- 2- and 3-bit weights, 16-bit "activation bits", odd groups, o
 (e.g. float64) -- runs :func:`reference.quantized_linear` for that call.
 
 Tiles: on CUDA each GEMM autotunes once per shape bucket (``triton.autotune`` over
-``INT_CONFIGS`` / ``WEIGHT_ONLY_CONFIGS``, pruned per call by :func:`prune_gemm_configs`; the
-winners are kept per GPU name in ``~/.cache/diffq/autotune.json``; ``DIFFQ_AUTOTUNE=0`` turns it
-off); the interpreter, float32 weight-only calls and callers passing ``blocks`` use the fixed
-:func:`_gemm_blocks`.
+``INT_CONFIGS`` / ``WEIGHT_ONLY_CONFIGS`` / ``CONV_CONFIGS``, pruned per call by
+:func:`prune_gemm_configs` / :func:`prune_conv_configs`; the winners are kept per GPU name in
+``~/.cache/diffq/autotune.json``; ``DIFFQ_AUTOTUNE=0`` turns it off); the interpreter, float32
+weight-only calls and callers passing ``blocks`` use the fixed :func:`_gemm_blocks` /
+:func:`_conv_blocks`.
 
 Convolutions (:func:`quantized_conv2d_triton`): unpadded 1x1 ones run as linear layers over their
 pixels; every other one -- k x k, strided, dilated, padded, over a skip concatenation with a
@@ -80,6 +81,7 @@ __all__ = [
     "quantized_linear_triton",
     "quantized_conv2d_triton",
     "implicit_gemm_conv2d",
+    "fake_quantize_pixels",
     "unsupported_reason",
     "conv2d_unsupported_reason",
     "act_quant_lowrank",
@@ -396,7 +398,7 @@ def _patch_tile(x_ptr, smooth_ptr, offs_m, offs_k, M, K, H, W, HO, WO, TAPS, KW,
 @triton.jit
 def _conv_kernel(
     x_ptr, smooth_ptr, static_ptr, qw_ptr, ws_ptr, wz_ptr, t_ptr, l2_ptr, bias_ptr, y_ptr,
-    M, N, K, KP, R, OFFSET, W_GROUP, SEG_COL,
+    M, N, K, KP, R, OFFSET, W_GROUP, SEG_COL, M_BUCKET,
     H, W, HO, WO, TAPS, KW, SH, SW, PH, PW, DH, DW,
     stride_xn, stride_xc, stride_xh, stride_xw, stride_wn, stride_wsn, stride_wsg, stride_wzn, stride_wzg,
     stride_tm, stride_l2r, stride_l2n, stride_ym,
@@ -1171,8 +1173,8 @@ def implicit_gemm_conv2d(
     weight-only GEMM multiplies its fake-quantized patches, in ``x``'s dtype, by the codes' values.
     A low-rank branch's down-projection (a ``kh x kw`` convolution to ``r``
     channels) runs first (``_conv_lowrank_kernel``); the GEMM's epilogue adds its up-projection
-    and the bias. Tiles are :func:`_gemm_blocks`' (convolutions do not autotune yet);
-    :func:`_implicit_gemm_reason` says what this accepts.
+    and the bias. On CUDA the GEMM autotunes over ``CONV_CONFIGS`` (:func:`prune_conv_configs`),
+    elsewhere it runs :func:`_conv_blocks`' tiles; :func:`_implicit_gemm_reason` says what this accepts.
     """
     n_images, channels, height, width = x.shape
     out, _, kh, kw = weight_shape
@@ -1195,25 +1197,26 @@ def implicit_gemm_conv2d(
     w_group = K // w_scale.shape[1] if w_scale.shape[1] > 1 else None
     fp32 = x.dtype == torch.float32 and not int_path
     rank = 0 if t is None else t.shape[1]
+    tuned = blocks is None and not fp32 and _autotuning(x)  # fp32 (FMA units) keeps its small tiles
     blocks = blocks or _conv_blocks(M, K, seg, int_path, fp32)
     qweight = qweight.contiguous()
     y = torch.empty((M, out), dtype=x.dtype, device=x.device)
     (ptrs, lstrides), flags = _epilogue_args(t, lowrank_up, None if bias is None else bias.contiguous(), y)
     static = act_scale.reshape(-1).to(device=x.device, dtype=torch.float32) if int_path else y
     seg_col = act_segments[0] * taps if int_path and act_segments else K
-    grid = (triton.cdiv(M, blocks.m) * triton.cdiv(out, blocks.n),)
-    _conv_kernel[grid](
+    args = (
         patches, y if patch_smooth is None else patch_smooth, static, qweight, w_scale,
         y if w_zero is None else w_zero, *ptrs, y,
-        M, out, K, qweight.shape[1], rank, w_code_offset, w_group or K, seg_col, *shape, *patches.stride(),
-        qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero), *lstrides, y.stride(0),
-        **flags, MODE=0 if int_path else 1, W_BITS=w_bits, HAS_SMOOTH=patch_smooth is not None,
-        HAS_ZERO=w_zero is not None, HAS_CORR=int_path and (w_zero is not None or w_code_offset != 2 ** (w_bits - 1)),
-        W_GROUPED=w_group is not None, SEGMENTED=int_path and bool(act_segments),
-        QMAX=2 ** (act_bits - 1) - 1 if int_path else 1, FP32=fp32, INTERPRET=INTERPRET,
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m,
-        num_warps=blocks.warps, num_stages=blocks.stages,
+        M, out, K, qweight.shape[1], rank, w_code_offset, w_group or K, seg_col, _m_bucket(M), *shape,
+        *patches.stride(), qweight.stride(0), *_scale_strides(w_scale), *_scale_strides(w_zero), *lstrides,
+        y.stride(0),
     )
+    flags.update(MODE=0 if int_path else 1, W_BITS=w_bits, HAS_SMOOTH=patch_smooth is not None,
+                 HAS_ZERO=w_zero is not None,
+                 HAS_CORR=int_path and (w_zero is not None or w_code_offset != 2 ** (w_bits - 1)),
+                 W_GROUPED=w_group is not None, SEGMENTED=int_path and bool(act_segments),
+                 QMAX=2 ** (act_bits - 1) - 1 if int_path else 1, FP32=fp32, INTERPRET=INTERPRET)
+    _launch("conv", _conv_kernel, tuned, blocks, M, out, args, flags, x.device)
     return y.view(n_images, ho, wo, out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -1265,6 +1268,13 @@ WEIGHT_ONLY_CONFIGS = [
     Blocks(128, 128, 64, 8, 4), Blocks(128, 64, 64, 8, 4), Blocks(128, 64, 64, 4, 4), Blocks(64, 128, 64, 4, 4),
     Blocks(64, 64, 64, 4, 4), Blocks(32, 128, 64, 4, 4), Blocks(16, 128, 64, 4, 4), Blocks(16, 64, 64, 4, 5),
 ]
+# The implicit-GEMM convolution's: 32-deep K tiles and at most 16 gathered patch elements per thread
+# (deeper or 4-warp 128-row tiles spilled, see _conv_spills_registers).
+CONV_CONFIGS = [
+    Blocks(128, 64, 32, 8, 3), Blocks(128, 64, 32, 8, 4), Blocks(128, 128, 32, 8, 3), Blocks(64, 128, 32, 4, 3),
+    Blocks(64, 128, 32, 4, 4), Blocks(64, 128, 32, 8, 3), Blocks(64, 64, 32, 4, 3), Blocks(64, 64, 32, 4, 4),
+    Blocks(32, 128, 32, 4, 3), Blocks(32, 64, 32, 4, 3), Blocks(16, 64, 32, 4, 3), Blocks(16, 128, 32, 4, 3),
+]
 _SMEM_MARGIN = 16 * 1024  # epilogue tiles (low-rank factors, bias) beside the pipelined K tiles
 
 
@@ -1299,17 +1309,49 @@ def prune_gemm_configs(configs: list[Blocks], *, M: int, K: int, seg: int, int_p
 
     When nothing is left, the fixed choice of :func:`_gemm_blocks` is returned alone.
     """
+    keep = [
+        b for b in configs
+        if _suits_call(b, M=M, K=K, seg=seg, int_path=int_path, w_bits=w_bits, smem_limit=smem_limit)
+        and (b.n == 64 or not narrow_n) and not _spills_registers(b, int_path, capability)
+    ]
+    return keep or [_gemm_blocks(M, K, seg, int_path, narrow_n=narrow_n)]
+
+
+def _suits_call(b: Blocks, *, M: int, K: int, seg: int, int_path: bool, w_bits: int, smem_limit: int) -> bool:
+    """The rules every GEMM's candidates share: K tiles inside the scale segments and deep enough for
+    the MMA, M tiles that follow ``M``, pipeline stages within shared memory."""
     min_k = 32 if int_path else 16
     k_max = K if seg == K else _pow2_divisor(seg)
     m_max = max(16, triton.next_power_of_2(M))
+    return (min_k <= b.k <= max(k_max, min_k) and (seg == K or seg % b.k == 0)
+            and b.m <= m_max and (M < 256 or b.m >= 64)
+            and b.stages * _stage_bytes(b, int_path, w_bits) + _SMEM_MARGIN <= smem_limit)
+
+
+def prune_conv_configs(configs: list[Blocks], *, M: int, K: int, seg: int, int_path: bool, w_bits: int,
+                       smem_limit: int, capability: int) -> list[Blocks]:
+    """The implicit-GEMM convolution's candidate tiles that suit one call (pure Python; never
+    empty): :func:`prune_gemm_configs`' rules but the 64-column one, and no tile measured to spill
+    on ``sm_<capability>`` (:func:`_conv_spills_registers`); else the fixed :func:`_conv_blocks`."""
     keep = [
         b for b in configs
-        if min_k <= b.k <= max(k_max, min_k) and (seg == K or seg % b.k == 0)
-        and b.m <= m_max and (M < 256 or b.m >= 64)
-        and (b.n == 64 or not narrow_n) and not _spills_registers(b, int_path, capability)
-        and b.stages * _stage_bytes(b, int_path, w_bits) + _SMEM_MARGIN <= smem_limit
+        if _suits_call(b, M=M, K=K, seg=seg, int_path=int_path, w_bits=w_bits, smem_limit=smem_limit)
+        and not _conv_spills_registers(b, capability)
     ]
-    return keep or [_gemm_blocks(M, K, seg, int_path, narrow_n=narrow_n)]
+    return keep or [_conv_blocks(M, K, seg, int_path, fp32=False)]
+
+
+def _conv_spills_registers(b: Blocks, capability: int) -> bool:
+    """Convolution tiles measured to spill at SDXL's 3x3 convolutions (every variant, int8 and
+    weight-only, compiled for sm_80/89/90/120 as ``tests/test_kernels_compiled.py`` does):
+
+    * more than 16 gathered patch elements per thread (``BLOCK_M x BLOCK_K / threads``): 128 x 64
+      x 32 with 4 warps, 64 x 64 x 64 with 4 and 128 x 64 x 64 with 8 spilled on sm_89, sm_90 and
+      sm_120 (8 to 280 B of stack), not on sm_80;
+    * 128 x 128 tiles on sm_90 (wgmma): W4A16 (8 B) and W4A8 with zero points and a rank-32
+      branch (280 B).
+    """
+    return b.m * b.k > 16 * 32 * b.warps or (capability == 90 and b.m * b.n >= 128 * 128)
 
 
 def _to_config(b: Blocks) -> triton.Config:
@@ -1336,8 +1378,12 @@ _SMEM: dict[int, int] = {}
 def prune_for_call(configs: list[Blocks], int_path: bool, named_args: dict, kwargs: dict,
                    smem_limit: int, capability: int) -> list[Blocks]:
     """:func:`prune_gemm_configs` for one launch of a GEMM kernel on ``sm_<capability>``: its
-    arguments by name and constexprs."""
+    arguments by name and constexprs (:func:`prune_conv_configs` for the convolution kernel's)."""
     M, K = named_args["M"], named_args["K"]
+    if "SEG_COL" in named_args:  # _conv_kernel: its segment is the weight groups' and the split's
+        seg = math.gcd(K, named_args["W_GROUP"], named_args["SEG_COL"]) if int_path else named_args["W_GROUP"]
+        return prune_conv_configs(configs, M=M, K=K, seg=seg, int_path=int_path, w_bits=kwargs["W_BITS"],
+                                  smem_limit=smem_limit, capability=capability)
     seg = math.gcd(named_args["W_GROUP"], named_args["A_GROUP"]) if int_path else named_args["W_GROUP"]
     zero_tiles = int_path and kwargs.get("HAS_ZERO", False) and seg != K
     return prune_gemm_configs(
@@ -1347,18 +1393,26 @@ def prune_for_call(configs: list[Blocks], int_path: bool, named_args: dict, kwar
     )
 
 
-def _early_prune(int_path: bool):
-    """``early_config_prune`` for ``triton.autotune``: :func:`prune_for_call` with the device's shared memory."""
+def _early_prune(int_path: bool | None):
+    """``early_config_prune`` for ``triton.autotune``: :func:`prune_for_call` with the device's shared
+    memory (``int_path=None``: the convolution kernel, whose ``MODE`` says)."""
 
     def prune(configs, named_args, **kwargs):
         device = named_args["qw_ptr"].device
-        return [_to_config(b) for b in prune_for_call([_to_blocks(c) for c in configs], int_path, named_args,
+        path = int_path if int_path is not None else kwargs["MODE"] == 0
+        return [_to_config(b) for b in prune_for_call([_to_blocks(c) for c in configs], path, named_args,
                                                        kwargs, _smem_limit(device), device_capability(device))]
 
     return prune
 
 
 _TUNERS: dict[str, object] = {}
+# The arguments a tuned tile depends on, per kernel (``triton.autotune`` skips a name the kernel lacks).
+TUNING_KEYS = {
+    "int": ["M_BUCKET", "N", "K", "W_GROUP", "R", "A_GROUP"],
+    "weight_only": ["M_BUCKET", "N", "K", "W_GROUP", "R"],
+    "conv": ["M_BUCKET", "N", "K", "W_GROUP", "SEG_COL", "R", "MODE", "W_BITS", "HAS_ZERO", "TAPS", "SH"],
+}
 
 
 def _tuner(kind: str, kernel):
@@ -1366,10 +1420,9 @@ def _tuner(kind: str, kernel):
     if INTERPRET:
         raise RuntimeError("the interpreter runs the fixed _gemm_blocks tiles, it never autotunes")
     if kind not in _TUNERS:
-        int_path = kind == "int"
-        key = ["M_BUCKET", "N", "K", "W_GROUP", "R"] + (["A_GROUP"] if int_path else [])
-        configs = INT_CONFIGS if int_path else WEIGHT_ONLY_CONFIGS
-        _TUNERS[kind] = triton.autotune([_to_config(b) for b in configs], key=key,
+        int_path = None if kind == "conv" else kind == "int"  # one conv tuner for both modes: MODE is in its key
+        configs = {"int": INT_CONFIGS, "weight_only": WEIGHT_ONLY_CONFIGS, "conv": CONV_CONFIGS}[kind]
+        _TUNERS[kind] = triton.autotune([_to_config(b) for b in configs], key=TUNING_KEYS[kind],
                                         prune_configs_by={"early_config_prune": _early_prune(int_path)})(kernel)
     return _TUNERS[kind]
 

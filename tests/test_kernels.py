@@ -26,6 +26,7 @@ import os
 _INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels module is imported
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -460,6 +461,75 @@ def test_autotuning_key_and_call_pruning():
     assert [triton_ops._m_bucket(m) for m in (1, 16, 17, 77, 4096, 20000)] == [16, 16, 32, 128, 4096, 4096]
 
 
+def test_convolution_autotuning_pruner_keeps_tiles_that_do_not_spill():
+    """The implicit GEMM's candidates: 32-deep K tiles inside the scale groups, M tiles that follow the
+    output pixels, no tile of a kind that spilled (128 x 128 on sm_90; > 16 patch elements per thread)."""
+    prune, blocks, configs = triton_ops.prune_conv_configs, triton_ops.Blocks, triton_ops.CONV_CONFIGS
+    common = dict(K=640 * 9, w_bits=4, smem_limit=232448)
+    hopper = prune(configs, M=8192, seg=64, int_path=True, capability=90, **common)
+    assert hopper and all(b.k == 32 and b.m >= 64 and b.m * b.n < 128 * 128 for b in hopper)
+    ampere = prune(configs, M=8192, seg=64, int_path=True, capability=80, **common)
+    assert blocks(128, 128, 32, 8, 3) in ampere and blocks(128, 128, 32, 8, 3) not in hopper
+    small = prune(configs, M=128, seg=64, int_path=False, capability=90, **common)  # 2 images of 8x8
+    assert small and all(b.m <= 128 for b in small) and any(b.m < 64 for b in small)
+    deep = [blocks(128, 64, 64, 8, 3), blocks(128, 64, 32, 4, 3), blocks(64, 64, 64, 4, 3)]
+    assert prune(deep, M=8192, seg=5760, int_path=True, capability=80, **common) == [
+        triton_ops._conv_blocks(8192, 5760, 5760, True, False)]  # none kept: the fixed tile, alone
+    # through the kernel's arguments: a split at column 5760 of 11,520 (per-channel weights) is the segment
+    named = dict(M=8192, K=11520, W_GROUP=11520, SEG_COL=5760, R=0)
+    kept = triton_ops.prune_for_call(configs, True, named, dict(W_BITS=8), 232448, 90)
+    assert kept == prune(configs, M=8192, K=11520, seg=5760, int_path=True, w_bits=8, smem_limit=232448,
+                         capability=90)
+
+
+@pytest.mark.parametrize("case", [c for c in IMPLICIT_GEMM_CASES if c.name in (
+    "w4a8-g64-3x3-r16-bias-smooth", "w4a4-g64-actg64-3x3-r16-bias-smooth")], ids=lambda c: c.name)
+def test_tuned_convolution_runs_a_pruned_candidate(monkeypatch, tmp_path, case):
+    """The CUDA launch path of the implicit GEMM, in the interpreter with a stand-in for
+    ``triton.autotune``: the pruner gets the kernel's arguments by name, a kept candidate runs, its
+    result is within the bound, and the winner is written to the cache."""
+    monkeypatch.setenv("DIFFQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(triton_ops, "_autotuning", lambda x: True)
+    monkeypatch.setattr(triton_ops, "_smem_limit", lambda device: 232448)
+    monkeypatch.setattr(triton_ops, "_LOADED", set())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    ran = []
+
+    class Tuner:  # what triton.autotune does, with the first kept candidate as the winner
+        def __init__(self, kernel):
+            self.kernel, self.cache = kernel, {}
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                named = dict(zip(self.kernel.arg_names, args, strict=False))
+                kept = triton_ops._early_prune(None)(
+                    [triton_ops._to_config(b) for b in triton_ops.CONV_CONFIGS], named, **kwargs)
+                b = triton_ops._to_blocks(kept[0])
+                ran.append(b)
+                self.cache[tuple(named.get(k, kwargs.get(k)) for k in triton_ops.TUNING_KEYS["conv"])] = kept[0]
+                meta = dict(BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_K=b.k, GROUP_M=b.group_m)
+                self.kernel[grid(meta)](*args, **kwargs, **meta, num_warps=b.warps, num_stages=b.stages)
+            return run
+
+    monkeypatch.setattr(triton_ops, "_tuner", lambda kind, kernel: Tuner(kernel))
+    x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+    y = triton_ops.implicit_gemm_conv2d(x, qweight, w_scale, w_zero, **kw)
+    assert len(ran) == 1 and ran[0] in triton_ops.CONV_CONFIGS  # not the interpreter's fixed tile
+    expected, tol = conv_expected_and_tolerance(x, qweight, w_scale, w_zero, kw)
+    err = (y.permute(0, 2, 3, 1).reshape(-1, case.out).double() - expected).abs()
+    assert bool((err <= tol).all())
+    assert "conv" in json.loads((tmp_path / "autotune.json").read_text())["NVIDIA H200"]
+
+
+def test_autotuning_keys_name_the_kernels_arguments():
+    """``triton.autotune`` silently drops a key its kernel does not have: every name is an argument."""
+    kernels_by_kind = {"int": triton_ops._int_gemm_kernel, "weight_only": triton_ops._weight_only_kernel,
+                       "conv": triton_ops._conv_kernel}
+    assert set(triton_ops.TUNING_KEYS) == set(kernels_by_kind)
+    for kind, kernel in kernels_by_kind.items():
+        assert set(triton_ops.TUNING_KEYS[kind]) <= set(kernel.arg_names), kind
+
+
 def test_the_interpreter_never_autotunes(monkeypatch):
     """Under the interpreter every GEMM runs the fixed ``_gemm_blocks`` tiles: no autotuner is built."""
     def refuse(*args, **kwargs):
@@ -471,6 +541,9 @@ def test_the_interpreter_never_autotunes(monkeypatch):
     triton_ops.quantized_linear_triton(x, qweight, w_scale, w_zero, **kw)
     x, qweight, w_scale, w_zero, kw = make_inputs(CASES[7])
     triton_ops.quantized_linear_triton(x, qweight, w_scale, w_zero, **kw)
+    for case in IMPLICIT_GEMM_CASES[:1] + IMPLICIT_GEMM_CASES[4:5]:  # int8 and weight-only convolutions
+        x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+        triton_ops.implicit_gemm_conv2d(x, qweight, w_scale, w_zero, **kw)
     assert triton_ops._TUNERS == {}
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="never autotunes"):

@@ -119,6 +119,14 @@ SM120 = [
     LayerCase("sm120-sdxl-conv3x3-w4a16", 2, 640, 640, "w4a16", {}, True, "float16", BLACKWELL, conv=CONV_640),
     LayerCase("sm120-sdxl-conv3x3-w4a4-r32", 2, 640, 640, "w4a4", {}, True, "float16", BLACKWELL, conv=CONV_640),
 ]
+# The convolution's autotuning candidates, where they spilled most (see triton_ops._conv_spills_registers):
+# the integer GEMM with zero points and a rank-32 branch, and the weight-only GEMM.
+CONV_TUNED = [
+    LayerCase("tune-sdxl-conv3x3-w4a8-asym-r32", 2, 640, 640, "w4a8", {"w_symmetric": False, "rank": 32}, True,
+              "float16", (89, 90), tile_configs=True, conv=CONV_640),
+    LayerCase("tune-sdxl-conv3x3-w4a16", 2, 640, 640, "w4a16", {}, True, "float16", (90, 120), tile_configs=True,
+              conv=CONV_640),
+]
 CASES += SM120
 # The weight-only GEMM's 128 x 128 x 64 tile spilled on sm_120 (255 registers, 16 B of stack, 3 STL / 3 LDL;
 # sm_80/89/90 do not): there it takes 64-column tiles (triton_ops._narrow_n), with the autotuner's candidates too.
@@ -126,6 +134,8 @@ SM120_WEIGHT_ONLY = LayerCase("sm120-sdxl-w4a16-attn", *SDXL_ATTN, "w4a16", {}, 
                               tile_configs=True)
 CASES.append(SM120_WEIGHT_ONLY)
 TUNED.append(SM120_WEIGHT_ONLY)
+CASES += CONV_TUNED
+TUNED += CONV_TUNED
 
 # What each case launches: the activation pass (quantized activations or a low-rank branch), then a GEMM;
 # a convolution its low-rank down-projection (if any), the activation pass that fake-quantizes its input
@@ -259,8 +269,10 @@ def test_autotuning_candidates_compile_without_spills(reports):
                                                              f"{r.spill_stores} STL / {r.spill_loads} LDL",
             r.shared + r.static_shared > r.shared_limit and f"{r.shared + r.static_shared} B shared memory",
             (not r.code_loads or min(r.code_load_bits) < 32) and f"code loads {r.code_loads}",
-            kernel == INT_GEMM and ("IGMMA" if wide else "IMMA") not in mma and f"MMA {mma}",
-            kernel == WEIGHT_ONLY and ("HGMMA" if wide else "HMMA") not in mma and f"MMA {mma}",
+            kernel in (INT_GEMM, CONV) and r.constexprs.get("MODE", 0) == 0 and ("IGMMA" if wide else "IMMA")
+            not in mma and f"MMA {mma}",
+            (kernel == WEIGHT_ONLY or r.constexprs.get("MODE") == 1) and ("HGMMA" if wide else "HMMA") not in mma
+            and f"MMA {mma}",
         ]
         problems = [p for p in problems if p]
         if problems:
