@@ -13,7 +13,7 @@ from diffq.errors import CheckpointError, QuantizationInputError
 from diffq.gptq import SampledHessian, layer_hessian
 from diffq.layers import conv_channel_weight, supports_branch
 from diffq.lowrank import split_low_rank
-from diffq.memory import return_freed_memory
+from diffq.memory import release_file_pages, return_freed_memory
 from diffq.modules import QMODULES, QUANTIZED_MODULES, quantized_class, weight_format
 from diffq.offload import loaded, release
 from diffq.plan import LayerConfig, QuantPlan
@@ -137,7 +137,8 @@ def convert_model(
 
     Layers with static activations, smoothing, MSE clipping or BOS handling read ``stats``. A model
     whose weights are on disk (:mod:`diffq.offload`) has each float layer read just before it is
-    quantized, and gone once its quantized twin is in place.
+    quantized, and gone once its quantized twin is in place; float weights mapped from a checkpoint
+    leave the resident set then (:func:`diffq.memory.release_file_pages`).
     """
     planned = _planned_layers(model, plan, QuantizationInputError, "Allocate a plan for this one (diffq.allocate).")
     for name, config in tqdm(plan.layers.items(), desc="diffq: quantizing layers", disable=not progress):
@@ -147,6 +148,8 @@ def convert_model(
         model.set_submodule(name, quantized)
         if release(layer):
             return_freed_memory()
+        else:  # weights read through a checkpoint's memory map leave the resident set too
+            release_file_pages(p.detach() for p in layer.parameters())
     return model
 
 

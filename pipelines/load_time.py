@@ -15,7 +15,7 @@ from torch import nn
 
 from diffq.convert import convert_layer
 from diffq.errors import CheckpointError
-from diffq.memory import return_freed_memory
+from diffq.memory import release_file_pages, return_freed_memory
 from diffq.plan import QuantPlan
 
 
@@ -45,12 +45,16 @@ class LayerLoader:
         if set(pending) != self._expected[name]:
             return
         layer = model.get_submodule(name)
-        for tensor, loaded in self._pending.pop(name).items():
+        tensors = self._pending.pop(name)
+        for tensor, loaded in tensors.items():
             setattr(layer, tensor, nn.Parameter(loaded, requires_grad=False))  # the meta layer, now real
         with torch.no_grad():
             quantized = convert_layer(name, layer, self.plan.layers[name], None)
         model.set_submodule(name, quantized)  # the float layer and its weights go with it
         self._done.add(name)
+        # Read from a mapped shard, the float weights stay resident as long as the shard's mapping
+        # lives (the layers kept in 16 bits hold it): their pages are handed back now.
+        release_file_pages(tensors.values())
         return_freed_memory()
 
     def finish(self) -> None:
