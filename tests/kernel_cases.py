@@ -78,6 +78,86 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     return x, pack(codes, case.w_bits), w_scale, w_zero, kwargs
 
 
+@dataclass(frozen=True)
+class ConvCase:
+    """One quantized convolution for the implicit-GEMM kernel: weights as ``w_bits``/``w_group``/``asym``,
+    activations static (``act_bits``, one scale per segment), dynamic (per pixel and ``act_group``
+    channels) or 16-bit (``None``)."""
+
+    name: str
+    x: tuple[int, int, int, int]
+    out: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    w_bits: int
+    w_group: int | None
+    act_bits: int | None
+    dilation: tuple[int, int] = (1, 1)
+    asym: bool = False
+    split: int | None = None
+    rank: int = 0
+    bias: bool = False
+    smooth: bool = False
+    dtype: torch.dtype = torch.float16
+    channels_last: bool = False
+    dynamic: bool = False
+    act_group: int | None = None
+
+
+IMPLICIT_GEMM_CASES = [
+    ConvCase("w4a8-g64-3x3-r16-bias-smooth", (2, 64, 5, 6), 40, (3, 3), (1, 1), (1, 1), 4, 64, 8, rank=16,
+             bias=True, smooth=True),
+    ConvCase("w8a8-ch-3x3-s2-split-bf16", (1, 64, 7, 6), 24, (3, 3), (2, 2), (1, 1), 8, None, 8, split=32,
+             bias=True, dtype=torch.bfloat16),
+    ConvCase("w4a8-g64-asym-3x3-same-dil2-fp32", (1, 64, 6, 5), 24, (3, 3), (1, 1), "same", 4, 64, 8,
+             dilation=(2, 2), asym=True, dtype=torch.float32),
+    ConvCase("w4a4-ch-1x1-padded-split-cl", (2, 64, 3, 4), 24, (1, 1), (1, 1), (1, 1), 4, None, 4, split=32,
+             smooth=True, channels_last=True),
+    ConvCase("w4a16-g64-3x3-r16-bias-smooth", (2, 64, 5, 4), 40, (3, 3), (1, 1), (1, 1), 4, 64, None, rank=16,
+             bias=True, smooth=True),
+    ConvCase("w8a16-ch-asym-3x3-s2-valid-bf16", (1, 32, 7, 7), 24, (3, 3), (2, 2), "valid", 8, None, None,
+             asym=True, dtype=torch.bfloat16),
+    ConvCase("w4a16-g64-4x4-s2-r16-fp32", (1, 32, 6, 6), 24, (4, 4), (2, 2), (1, 1), 4, 64, None, rank=16,
+             dtype=torch.float32),
+    # Dynamic activation scales (W4A4's per pixel and group of 64 channels): fake-quantized, then 16-bit.
+    ConvCase("w4a4-g64-actg64-3x3-r16-bias-smooth", (2, 128, 5, 4), 40, (3, 3), (1, 1), (1, 1), 4, 64, 4,
+             rank=16, bias=True, smooth=True, dynamic=True, act_group=64),
+    ConvCase("w4a4-ch-dyn-3x3-s2-bf16-cl", (1, 64, 7, 6), 24, (3, 3), (2, 2), (1, 1), 4, None, 4,
+             dtype=torch.bfloat16, channels_last=True, dynamic=True),
+    ConvCase("w8a8-g64-asym-actg32-split-same-fp32", (1, 64, 6, 5), 24, (3, 3), (1, 1), "same", 8, 64, 8,
+             asym=True, split=32, dtype=torch.float32, dynamic=True, act_group=32),
+    ConvCase("w4a4-ch-dyn-1x1-padded-smooth", (2, 64, 3, 4), 24, (1, 1), (1, 1), (1, 1), 4, None, 4,
+             smooth=True, dynamic=True, act_group=32),
+]
+
+
+def conv_inputs(case: ConvCase):
+    """Random codes, scales, zero points, factors and input for ``case``."""
+    n, channels, h, w = case.x
+    cols = channels * case.kernel[0] * case.kernel[1]
+    blocks = 1 if case.w_group is None else cols // case.w_group
+    codes = torch.randint(0, 2**case.w_bits, (case.out, cols), dtype=torch.uint8)
+    w_scale = ((torch.rand(case.out, blocks) + 0.5) * 0.02).to(case.dtype)
+    w_zero = torch.randint(0, 2**case.w_bits, (case.out, blocks), dtype=torch.uint8) if case.asym else None
+    x = torch.randn(*case.x).to(case.dtype)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    kw = dict(w_bits=case.w_bits, w_code_offset=0 if case.asym else 2 ** (case.w_bits - 1),
+              weight_shape=(case.out, channels, *case.kernel), stride=case.stride, padding=case.padding,
+              dilation=case.dilation, groups=1, act_bits=case.act_bits, act_group_size=case.act_group,
+              act_segments=(case.split,) if case.split else (),
+              bias=torch.randn(case.out).to(case.dtype) if case.bias else None,
+              smooth=(torch.rand(channels) + 0.5).to(case.dtype) if case.smooth else None)
+    if case.act_bits is not None and not case.dynamic:  # clips the largest activations, so the clamp is exercised
+        segments = 2 if case.split else 1
+        kw["act_scale"] = torch.tensor([0.7, 0.5][:segments]) * 3.0 / (2 ** (case.act_bits - 1) - 1)
+    if case.rank:
+        kw["lowrank_down"] = (torch.randn(cols, case.rank) / cols**0.5).to(case.dtype)
+        kw["lowrank_up"] = (torch.randn(case.rank, case.out) / case.rank**0.5).to(case.dtype)
+    return x, pack(codes, case.w_bits), w_scale, w_zero, kw
+
+
 def dequantize64(qweight, w_scale, w_zero, *, bits: int, cols: int, code_offset: int) -> torch.Tensor:
     """Float64 ``(code - offset - zero) * scale``, ``[rows, cols]``."""
     v = unpack(qweight, bits, cols).double() - code_offset

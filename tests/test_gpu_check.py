@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import CASES, Case, expected_and_tolerance, make_inputs
+from kernel_cases import (
+    CASES,
+    IMPLICIT_GEMM_CASES,
+    Case,
+    ConvCase,
+    conv_expected_and_tolerance,
+    conv_inputs,
+    expected_and_tolerance,
+    make_inputs,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("env", "tests", "kernels", "step", "report")
@@ -98,3 +107,35 @@ def test_kernels_natively(case):
     expected, tol = expected_and_tolerance(x, qweight, w_scale, w_zero, kw)  # float64, on the GPU
     worst = float(((y.reshape(-1, case.n).double() - expected).abs() / tol).max())
     assert worst <= 1.0, f"error exceeds the bound by a factor {worst:.3g}"
+
+
+# SDXL's 3x3 convolutions at 1024x1024 (batch 2, the 64x64 latent level with 640 channels), each activation
+# scheme: static int8 (the autotuned one), W4A4's dynamic scales with smoothing and a rank-32 branch, the
+# stride-2 downsampler.
+REAL_CONVS = [
+    ConvCase("sdxl-conv3x3-w8a8-static", (2, 640, 64, 64), 640, (3, 3), (1, 1), (1, 1), 8, None, 8, bias=True),
+    ConvCase("sdxl-conv3x3-w4a4-r32", (2, 640, 64, 64), 640, (3, 3), (1, 1), (1, 1), 4, 64, 4, rank=32, bias=True,
+             smooth=True, dynamic=True, act_group=64),
+    ConvCase("sdxl-down-w4a8-static", (2, 640, 64, 64), 640, (3, 3), (2, 2), (1, 1), 4, 64, 8, bias=True),
+]
+TUNED_CONV = "sdxl-conv3x3-w8a8-static"
+
+
+@pytest.mark.skipif(not CUDA, reason="the native kernel run needs CUDA (gpu_check.sh runs it on the GPU)")
+@pytest.mark.parametrize("case", IMPLICIT_GEMM_CASES + REAL_CONVS, ids=lambda c: c.name)
+def test_convolutions_natively(case, monkeypatch):
+    """The implicit-GEMM convolutions through the op's CUDA kernel, within the float64 bound; one real shape
+    autotunes, the others run the fixed tiles (tuning each would not fit the phase's time)."""
+    from diffq.kernels import dispatch
+
+    if case.name != TUNED_CONV:
+        monkeypatch.setenv("DIFFQ_AUTOTUNE", "0")
+    x, qweight, w_scale, w_zero, kw = _on("cuda", *conv_inputs(case))
+    assert dispatch.unsupported_reason("quantized_conv2d", x, qweight, w_scale, w_zero, **kw) is None
+    y = dispatch.quantized_conv2d(x, qweight, w_scale, w_zero, **kw)
+    torch.cuda.synchronize()
+    assert y.device.type == "cuda" and y.dtype == x.dtype and y.shape[:2] == (x.shape[0], case.out)
+    expected, tol = conv_expected_and_tolerance(x, qweight, w_scale, w_zero, kw)  # float64, on the GPU
+    err = (y.permute(0, 2, 3, 1).reshape(-1, case.out).double() - expected).abs()
+    worst = float((err / tol.clamp_min(1e-300)).max())
+    assert bool((err <= tol).all()), f"error exceeds the bound by a factor {worst:.3g}"

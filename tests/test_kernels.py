@@ -29,15 +29,17 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels module is i
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from kernel_cases import (  # noqa: E402,F401
     CASES,
+    IMPLICIT_GEMM_CASES,
     UNIT,
     Case,
+    ConvCase,
     conv_expected_and_tolerance,
+    conv_inputs,
     expected_and_tolerance,
     make_inputs,
 )
@@ -228,91 +230,12 @@ def test_1x1_convolution_runs_the_linear_kernels(case, shape, stride):
     assert torch.equal(y, linear.permute(0, 3, 1, 2))
 
 
-@dataclass(frozen=True)
-class ConvCase:
-    """One quantized convolution for the implicit-GEMM kernel: weights as ``w_bits``/``w_group``/``asym``,
-    activations static (``act_bits``, one scale per segment), dynamic (per pixel and ``act_group``
-    channels) or 16-bit (``None``)."""
-
-    name: str
-    x: tuple[int, int, int, int]
-    out: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str
-    w_bits: int
-    w_group: int | None
-    act_bits: int | None
-    dilation: tuple[int, int] = (1, 1)
-    asym: bool = False
-    split: int | None = None
-    rank: int = 0
-    bias: bool = False
-    smooth: bool = False
-    dtype: torch.dtype = torch.float16
-    channels_last: bool = False
-    dynamic: bool = False
-    act_group: int | None = None
-
-
-IMPLICIT_GEMM_CASES = [
-    ConvCase("w4a8-g64-3x3-r16-bias-smooth", (2, 64, 5, 6), 40, (3, 3), (1, 1), (1, 1), 4, 64, 8, rank=16,
-             bias=True, smooth=True),
-    ConvCase("w8a8-ch-3x3-s2-split-bf16", (1, 64, 7, 6), 24, (3, 3), (2, 2), (1, 1), 8, None, 8, split=32,
-             bias=True, dtype=torch.bfloat16),
-    ConvCase("w4a8-g64-asym-3x3-same-dil2-fp32", (1, 64, 6, 5), 24, (3, 3), (1, 1), "same", 4, 64, 8,
-             dilation=(2, 2), asym=True, dtype=torch.float32),
-    ConvCase("w4a4-ch-1x1-padded-split-cl", (2, 64, 3, 4), 24, (1, 1), (1, 1), (1, 1), 4, None, 4, split=32,
-             smooth=True, channels_last=True),
-    ConvCase("w4a16-g64-3x3-r16-bias-smooth", (2, 64, 5, 4), 40, (3, 3), (1, 1), (1, 1), 4, 64, None, rank=16,
-             bias=True, smooth=True),
-    ConvCase("w8a16-ch-asym-3x3-s2-valid-bf16", (1, 32, 7, 7), 24, (3, 3), (2, 2), "valid", 8, None, None,
-             asym=True, dtype=torch.bfloat16),
-    ConvCase("w4a16-g64-4x4-s2-r16-fp32", (1, 32, 6, 6), 24, (4, 4), (2, 2), (1, 1), 4, 64, None, rank=16,
-             dtype=torch.float32),
-    # Dynamic activation scales (W4A4's per pixel and group of 64 channels): fake-quantized, then 16-bit.
-    ConvCase("w4a4-g64-actg64-3x3-r16-bias-smooth", (2, 128, 5, 4), 40, (3, 3), (1, 1), (1, 1), 4, 64, 4,
-             rank=16, bias=True, smooth=True, dynamic=True, act_group=64),
-    ConvCase("w4a4-ch-dyn-3x3-s2-bf16-cl", (1, 64, 7, 6), 24, (3, 3), (2, 2), (1, 1), 4, None, 4,
-             dtype=torch.bfloat16, channels_last=True, dynamic=True),
-    ConvCase("w8a8-g64-asym-actg32-split-same-fp32", (1, 64, 6, 5), 24, (3, 3), (1, 1), "same", 8, 64, 8,
-             asym=True, split=32, dtype=torch.float32, dynamic=True, act_group=32),
-    ConvCase("w4a4-ch-dyn-1x1-padded-smooth", (2, 64, 3, 4), 24, (1, 1), (1, 1), (1, 1), 4, None, 4,
-             smooth=True, dynamic=True, act_group=32),
-]
-
-
-def _conv_inputs(case: ConvCase):
-    n, channels, h, w = case.x
-    cols = channels * case.kernel[0] * case.kernel[1]
-    blocks = 1 if case.w_group is None else cols // case.w_group
-    codes = torch.randint(0, 2**case.w_bits, (case.out, cols), dtype=torch.uint8)
-    w_scale = ((torch.rand(case.out, blocks) + 0.5) * 0.02).to(case.dtype)
-    w_zero = torch.randint(0, 2**case.w_bits, (case.out, blocks), dtype=torch.uint8) if case.asym else None
-    x = torch.randn(*case.x).to(case.dtype)
-    if case.channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    kw = dict(w_bits=case.w_bits, w_code_offset=0 if case.asym else 2 ** (case.w_bits - 1),
-              weight_shape=(case.out, channels, *case.kernel), stride=case.stride, padding=case.padding,
-              dilation=case.dilation, groups=1, act_bits=case.act_bits, act_group_size=case.act_group,
-              act_segments=(case.split,) if case.split else (),
-              bias=torch.randn(case.out).to(case.dtype) if case.bias else None,
-              smooth=(torch.rand(channels) + 0.5).to(case.dtype) if case.smooth else None)
-    if case.act_bits is not None and not case.dynamic:  # clips the largest activations, so the clamp is exercised
-        segments = 2 if case.split else 1
-        kw["act_scale"] = torch.tensor([0.7, 0.5][:segments]) * 3.0 / (2 ** (case.act_bits - 1) - 1)
-    if case.rank:
-        kw["lowrank_down"] = (torch.randn(cols, case.rank) / cols**0.5).to(case.dtype)
-        kw["lowrank_up"] = (torch.randn(case.rank, case.out) / case.rank**0.5).to(case.dtype)
-    return x, pack(codes, case.w_bits), w_scale, w_zero, kw
-
-
 @pytest.mark.parametrize("case", IMPLICIT_GEMM_CASES, ids=lambda c: c.name)
 def test_implicit_gemm_convolution_matches_float64_reference(case):
     """k x k, strided, dilated, padded, split and channels-last convolutions run the implicit-GEMM
     kernel, within the linear kernels' bound of the float64 function over the patches (as the
     reference convolution is), with the reference's shape and dtype."""
-    x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+    x, qweight, w_scale, w_zero, kw = conv_inputs(case)
     assert triton_ops.conv2d_unsupported_reason(x, qweight, w_scale, w_zero, **kw) is None
     assert triton_ops._conv_as_linear_reason(x, kw["weight_shape"], kw["padding"], 1, kw["act_bits"],
                                              kw.get("act_scale"), kw["act_segments"]) is not None
@@ -415,7 +338,7 @@ def test_cuda_convolution_kernel_hands_3x3_convolutions_to_the_implicit_gemm(mon
     launched = []
     implicit = triton_ops.implicit_gemm_conv2d
     monkeypatch.setattr(triton_ops, "implicit_gemm_conv2d", lambda *a, **k: launched.append(1) or implicit(*a, **k))
-    x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+    x, qweight, w_scale, w_zero, kw = conv_inputs(case)
     y = kernels._conv2d_cuda(x, qweight, w_scale, w_zero, kw["w_bits"], kw["w_code_offset"], list(kw["weight_shape"]),
                              list(kw["stride"]), list(kw["padding"]), None, list(kw["dilation"]), 1, kw["bias"],
                              kw["act_bits"], kw.get("act_scale"), list(kw["act_segments"]), kw["act_group_size"],
@@ -512,7 +435,7 @@ def test_tuned_convolution_runs_a_pruned_candidate(monkeypatch, tmp_path, case):
             return run
 
     monkeypatch.setattr(triton_ops, "_tuner", lambda kind, kernel: Tuner(kernel))
-    x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+    x, qweight, w_scale, w_zero, kw = conv_inputs(case)
     y = triton_ops.implicit_gemm_conv2d(x, qweight, w_scale, w_zero, **kw)
     assert len(ran) == 1 and ran[0] in triton_ops.CONV_CONFIGS  # not the interpreter's fixed tile
     expected, tol = conv_expected_and_tolerance(x, qweight, w_scale, w_zero, kw)
@@ -542,7 +465,7 @@ def test_the_interpreter_never_autotunes(monkeypatch):
     x, qweight, w_scale, w_zero, kw = make_inputs(CASES[7])
     triton_ops.quantized_linear_triton(x, qweight, w_scale, w_zero, **kw)
     for case in IMPLICIT_GEMM_CASES[:1] + IMPLICIT_GEMM_CASES[4:5]:  # int8 and weight-only convolutions
-        x, qweight, w_scale, w_zero, kw = _conv_inputs(case)
+        x, qweight, w_scale, w_zero, kw = conv_inputs(case)
         triton_ops.implicit_gemm_conv2d(x, qweight, w_scale, w_zero, **kw)
     assert triton_ops._TUNERS == {}
     monkeypatch.undo()
